@@ -1,0 +1,249 @@
+"""Loading and saving Hugging Face checkpoint directories (config.json + safetensors), no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from jaxunlearn.models._config import ModelConfig
+from jaxunlearn.models._llama import LlamaForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# Older transformers versions saved the rotary buffers; they are recomputed from the config.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory does not hold the tensors its config describes."""
+
+
+def _checkpoint_name(path: tuple) -> tuple[str, bool]:
+    """Maps an NNX parameter path to its Hugging Face tensor name and whether to transpose."""
+    # A LoRA wrapper keeps the frozen projection under `base`; the checkpoint does not see it.
+    parts = [str(p) for p in path if p != "base"]
+    if parts[-1] == "kernel":
+        return ".".join([*parts[:-1], "weight"]), True
+    if parts[-1] == "embed_tokens":
+        return ".".join([*parts, "weight"]), False
+    return ".".join(parts), False
+
+
+def _base_parameters(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Variable]]:
+    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    yield from nnx.to_flat_state(state)
+
+
+def _tensor_files(directory: str) -> dict[str, str]:
+    """Returns {tensor name: file} from the sharded index, or from every `*.safetensors` file."""
+    index_path = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"{index_path} is not a valid safetensors index: {error}"
+            ) from None
+        files = {name: os.path.join(directory, file) for name, file in weight_map.items()}
+        absent = sorted({f for f in files.values() if not os.path.isfile(f)})
+        if absent:
+            raise CheckpointError(f"{INDEX_FILE} lists shard files that do not exist: {absent}.")
+        return files
+    shards = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"No *.safetensors files in checkpoint directory {directory!r}.")
+    files: dict[str, str] = {}
+    for shard in shards:
+        for name in _open(os.path.join(directory, shard), lambda f: list(f.keys())):
+            if name in files:
+                raise CheckpointError(f"tensor {name!r} is in both {files[name]} and {shard}.")
+            files[name] = os.path.join(directory, shard)
+    return files
+
+
+def _open(file: str, read):
+    try:
+        with safe_open(file, framework="numpy") as f:
+            return read(f)
+    except SafetensorError as error:
+        raise CheckpointError(f"cannot read safetensors file {file}: {error}") from None
+
+
+def _describe(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def load(
+    path: str | os.PathLike, /, *, dtype: jnp.dtype = jnp.float32, remat: bool = False
+) -> LlamaForCausalLM:
+    """Loads a local Hugging Face Llama-family checkpoint directory.
+
+    The directory holds `config.json` and either `model.safetensors`, several `*.safetensors`
+    files, or shards listed by `model.safetensors.index.json`. Nothing is downloaded and only
+    safetensors are read (never pickles).
+
+    Args:
+        path: The checkpoint directory.
+        dtype: Parameter and computation dtype; the stored tensors are cast to it.
+        remat: Rematerialise each decoder layer in the backward pass.
+
+    Returns:
+        The model, without adapters.
+
+    Raises:
+        FileNotFoundError: If the directory lacks config.json or safetensors files.
+        UnsupportedConfigError: If the config asks for something this model does not compute.
+        CheckpointError: Naming every missing, unexpected or wrongly shaped tensor, or a file that
+            is not valid safetensors.
+    """
+    directory = os.fspath(path)
+    config = ModelConfig.from_pretrained(directory)
+    abstract = nnx.eval_shape(
+        lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat)
+    )
+    graphdef, state = nnx.split(abstract)
+    expected: dict[str, tuple[tuple, bool, tuple[int, ...]]] = {}
+    for param_path, variable in nnx.to_flat_state(state):
+        name, transpose = _checkpoint_name(param_path)
+        shape = tuple(variable.shape)
+        expected[name] = (param_path, transpose, shape[::-1] if transpose else shape)
+
+    files = _tensor_files(directory)
+    ignored = {n for n in files if n.endswith(_IGNORED_SUFFIXES)}
+    if config.tie_word_embeddings:
+        # Some exporters write the tied head anyway; it is the embedding matrix.
+        ignored.add("lm_head.weight")
+    missing = sorted(set(expected) - set(files))
+    unexpected = sorted(set(files) - set(expected) - ignored)
+    by_file: dict[str, list[str]] = {}
+    for name in expected.keys() & files.keys():
+        by_file.setdefault(files[name], []).append(name)
+
+    def read_shapes(f):
+        return {name: tuple(f.get_slice(name).get_shape()) for name in by_file[file]}
+
+    wrong_shapes = []
+    for file in by_file:
+        for name, shape in _open(file, read_shapes).items():
+            if shape != expected[name][2]:
+                wrong_shapes.append(f"{name} has shape {shape}, expected {expected[name][2]}")
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_describe(unexpected)}")
+    if wrong_shapes:
+        problems.append(f"wrongly shaped tensors: {_describe(sorted(wrong_shapes))}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {directory!r} does not match its config.json: " + "; ".join(problems)
+        )
+
+    values: dict[tuple, np.ndarray] = {}
+    for file, names in by_file.items():
+
+        def read_tensors(f, names=names):
+            return {name: f.get_tensor(name) for name in names}
+
+        for name, tensor in _open(file, read_tensors).items():
+            param_path, transpose, _ = expected[name]
+            if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype.name != "bfloat16":
+                raise CheckpointError(f"tensor {name!r} has non-float dtype {tensor.dtype}.")
+            values[param_path] = tensor.T if transpose else tensor
+    loaded = [
+        (p, v.replace(value=jnp.asarray(values[p], dtype=v.dtype)))
+        for p, v in nnx.to_flat_state(state)
+    ]
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def save(
+    model: LlamaForCausalLM, path: str | os.PathLike, /, *, max_shard_bytes: int = 5 * 2**30
+) -> None:
+    """Writes the base model as a Hugging Face checkpoint directory that `load` and
+    transformers' `from_pretrained` read back.
+
+    Tensors are written in the model's dtype with PyTorch's [out, in] weight layout. A model
+    larger than `max_shard_bytes` is split into shards with a `model.safetensors.index.json`.
+    Each file is written to a temporary name and renamed, so a crash never leaves a half-written
+    file under its final name; weight files of an earlier save in `path` are replaced.
+
+    Args:
+        model: A model without LoRA adapters (adapters are saved separately, in PEFT format).
+        path: The directory; created if needed.
+        max_shard_bytes: The largest size of one safetensors file.
+
+    Raises:
+        ValueError: If the model holds LoRA parameters, which this format cannot express.
+    """
+    if jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
+        raise ValueError(
+            "save writes base models only and this model holds LoRA parameters; save the "
+            "adapters separately or save the model before add_lora."
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for param_path, variable in _base_parameters(model):
+        name, transpose = _checkpoint_name(param_path)
+        array = np.asarray(variable[...])
+        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    shard_bytes = 0
+    for name, array in tensors.items():
+        if shards[-1] and shard_bytes + array.nbytes > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = array
+        shard_bytes += array.nbytes
+
+    directory = os.fspath(path)
+    os.makedirs(directory, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".save-", dir=directory)
+    try:
+        hf_config = model.config.to_hf()
+        hf_config.dtype = str(jnp.dtype(model.dtype))
+        hf_config.architectures = [
+            "MistralForCausalLM" if model.config.model_type == "mistral" else "LlamaForCausalLM"
+        ]
+        hf_config.save_pretrained(staging)
+        if len(shards) == 1:
+            file_names = [SINGLE_FILE]
+        else:
+            file_names = [
+                f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+            ]
+        for file_name, shard in zip(file_names, shards, strict=True):
+            # transformers refuses safetensors files whose metadata lacks a known format.
+            save_file(shard, os.path.join(staging, file_name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+                "weight_map": {
+                    name: file_name
+                    for file_name, shard in zip(file_names, shards, strict=True)
+                    for name in shard
+                },
+            }
+            with open(os.path.join(staging, INDEX_FILE), "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+        # Stale weight files of an earlier save would be read as part of this checkpoint.
+        for old in os.listdir(directory):
+            if (old.endswith(".safetensors") or old == INDEX_FILE) and old not in file_names:
+                os.remove(os.path.join(directory, old))
+        for file_name in os.listdir(staging):
+            os.replace(os.path.join(staging, file_name), os.path.join(directory, file_name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
