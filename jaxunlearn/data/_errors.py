@@ -1,0 +1,13 @@
+"""The errors raised for bad data, so that callers can catch them apart from other failures."""
+
+
+class DataError(ValueError):
+    """A data source cannot be used as examples: missing columns, no rows, duplicate ids, ..."""
+
+
+class ExampleTooLongError(DataError):
+    """A tokenized example does not fit the context length and truncation was not asked for."""
+
+
+class TokenizerMismatchError(ValueError):
+    """A tokenizer produces token ids that the model's embedding table does not have."""
