@@ -1,0 +1,629 @@
+"""Fine-tuning with optax: LoRA adapters by default, every parameter on request.
+
+One optimizer step is a single jitted, pure function of (trainable tree, optimizer state, frozen
+tree, micro-batches, step): it averages the gradients of `grad_accumulation` micro-batches and
+applies clipped AdamW with a warmup + cosine schedule. Everything random is a function of
+`TrainConfig.seed` and the step number (the data order of each epoch, the dropout keys of each
+micro-batch), so a run resumed from a checkpoint ends with the same adapter, bit for bit, as a
+run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxunlearn.batch import Batch, example_losses, mean_loss
+from jaxunlearn.checkpoint import Checkpointer
+
+__all__ = ["BatchSource", "TrainConfig", "TrainHistory", "TrainResult", "finetune"]
+
+logger = logging.getLogger(__name__)
+
+# Settings that change how a run is observed and saved, not the adapter it produces: a resumed
+# run may change them.
+_RESUMABLE_CHANGES = frozenset({"eval_every", "checkpoint_every", "keep_checkpoints"})
+
+
+class BatchSource(Protocol):
+    """What training reads: a sized collection of tokenized examples that makes padded batches.
+
+    `jaxunlearn.data`'s tokenized datasets implement it.
+    """
+
+    def __len__(self) -> int:
+        """The number of examples."""
+        ...
+
+    def batch(
+        self, indices: Sequence[int] | np.ndarray, /, *, batch_size: int | None = None
+    ) -> Batch:
+        """The examples at `indices` as a `Batch` of numpy arrays.
+
+        With `batch_size` larger than `len(indices)`, rows after the examples only pad the batch
+        (their `example_mask` is False). The length axis is padded to a static bucket length.
+        """
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The settings of a fine-tuning run.
+
+    Every optimizer step consumes `batch_size * grad_accumulation` examples. An epoch is a
+    permutation of the training set drawn from `numpy.random.default_rng((seed, epoch))`; its
+    last step may hold fewer examples, and the gradient of a step is always the mean over the
+    real examples it holds.
+
+    Attributes:
+        learning_rate: Peak learning rate of AdamW.
+        warmup_steps: Steps of linear warmup from 0 to `learning_rate` (then cosine decay to 0
+            at `num_steps`, as `optax.warmup_cosine_decay_schedule`); must be below `num_steps`.
+        num_steps: Total number of optimizer steps.
+        batch_size: Rows of one micro-batch (one `BatchSource.batch` call).
+        grad_accumulation: Micro-batches whose gradients are averaged into one step.
+        max_grad_norm: Global-norm clipping threshold applied before AdamW.
+        weight_decay: Decoupled weight decay of AdamW.
+        eval_every: Steps between evaluations of `eval_data` (also evaluated at the end).
+        checkpoint_every: Steps between checkpoints (a checkpoint is also written at the end).
+        keep_checkpoints: How many of the newest checkpoints to keep.
+        seed: Seeds the data order and dropout.
+    """
+
+    learning_rate: float = 2e-4
+    warmup_steps: int = 0
+    num_steps: int = 100
+    batch_size: int = 8
+    grad_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("learning_rate", "max_grad_norm"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                raise ValueError(
+                    f"TrainConfig.{name} must be a positive finite number, got {value!r}."
+                )
+        if not _is_real(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
+            raise ValueError(
+                f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}."
+            )
+        for name in (
+            "num_steps",
+            "batch_size",
+            "grad_accumulation",
+            "eval_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
+        for name in ("warmup_steps", "seed"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}.")
+        if self.warmup_steps >= self.num_steps:
+            raise ValueError(
+                f"TrainConfig.warmup_steps ({self.warmup_steps}) must be smaller than num_steps "
+                f"({self.num_steps}): the cosine decay needs at least one step."
+            )
+
+    @property
+    def examples_per_step(self) -> int:
+        """`batch_size * grad_accumulation`."""
+        return self.batch_size * self.grad_accumulation
+
+
+@dataclasses.dataclass
+class TrainHistory:
+    """What happened during a run, step by step (including steps run before a resume).
+
+    Attributes:
+        steps: The step number after each optimizer update (1, 2, ...).
+        losses: The mean training loss of each step's examples, before its update.
+        grad_norms: The global gradient norm of each step, before clipping.
+        learning_rates: The learning rate each step's update used.
+        tokens_per_second: Real (attention-mask) tokens of each step over its wall-clock time,
+            compilation included in the first step of a call.
+        eval_steps: The steps after which `eval_data` was evaluated.
+        eval_losses: The mean loss over `eval_data` at those steps.
+        wall_seconds: Wall-clock time of the `finetune` call that returned this history.
+        resumed_from: The checkpoint step this call started from, `None` for a fresh start.
+    """
+
+    steps: list[int] = dataclasses.field(default_factory=list)
+    losses: list[float] = dataclasses.field(default_factory=list)
+    grad_norms: list[float] = dataclasses.field(default_factory=list)
+    learning_rates: list[float] = dataclasses.field(default_factory=list)
+    tokens_per_second: list[float] = dataclasses.field(default_factory=list)
+    eval_steps: list[int] = dataclasses.field(default_factory=list)
+    eval_losses: list[float] = dataclasses.field(default_factory=list)
+    wall_seconds: float = 0.0
+    resumed_from: int | None = None
+
+
+class TrainResult(NamedTuple):
+    """The outcome of `finetune`.
+
+    Attributes:
+        model: The model passed in, its trainable parameters now updated in place.
+        history: Losses, evaluations and throughput of the run.
+    """
+
+    model: nnx.Module
+    history: TrainHistory
+
+
+def finetune(
+    model: nnx.Module,
+    train_data: BatchSource,
+    /,
+    *,
+    config: TrainConfig,
+    eval_data: BatchSource | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    trainable: nnx.filterlib.Filter = nnx.LoRAParam,
+    progress: bool = True,
+) -> TrainResult:
+    """Trains the parameters selected by `trainable` to minimise the mean response-token NLL.
+
+    Dropout (e.g. of LoRA adapters) is active during training steps and off for evaluation,
+    whatever mode the model is in; the model's mode is not changed.
+
+    Args:
+        model: A model called as `model(input_ids, attention_mask)` (e.g. a Llama with
+            `add_lora`). Its trainable parameters are updated in place when training ends; if
+            training stops with an exception the model keeps its original weights (the
+            checkpoints hold the progress).
+        train_data: The training examples.
+        config: The run's settings.
+        eval_data: Examples whose mean loss is measured every `config.eval_every` steps and at
+            the end, in batches of `config.batch_size` in their stored order.
+        checkpoint_dir: Where to save checkpoints (trainable tree, optimizer state, step, random
+            key, config and history) every `config.checkpoint_every` steps and at the end.
+            `None` saves nothing.
+        resume: Continue from the latest checkpoint in `checkpoint_dir`, or start from scratch
+            if it holds none. The run must use the same `TrainConfig` (up to `eval_every`,
+            `checkpoint_every` and `keep_checkpoints`), the same number of training examples,
+            and a model with the same structure.
+        trainable: An NNX filter for the parameters to train: `nnx.LoRAParam` (the adapters
+            only) or `nnx.Param` (every parameter, e.g. to pre-train a small base model).
+        progress: Show a tqdm progress bar with the loss and tokens per second.
+
+    Returns:
+        The trained model and the history of the run.
+
+    Raises:
+        ValueError: For empty data, a filter that selects no parameter, batches of the wrong
+            size, `resume` without `checkpoint_dir`, or a checkpoint made by a different
+            config, dataset size or model.
+        FileExistsError: If `checkpoint_dir` already holds checkpoints and `resume` is False.
+        FloatingPointError: If a step's loss or gradient is not finite (nothing is saved then).
+    """
+    started = time.perf_counter()
+    num_examples = _checked_length(train_data, "train_data")
+    if eval_data is not None:
+        _checked_length(eval_data, "eval_data")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir to resume from.")
+
+    # Views fix dropout on for the step and off for evaluation without touching `model`.
+    train_view = nnx.view(model, deterministic=False, raise_if_not_found=False)
+    eval_view = nnx.view(model, deterministic=True, raise_if_not_found=False)
+    graphdef, params, frozen = nnx.split(train_view, trainable, ...)
+    eval_graphdef = nnx.split(eval_view, trainable, ...)[0]
+    if not jax.tree.leaves(params):
+        raise ValueError(f"The filter trainable={trainable!r} selects no parameter of the model.")
+    # The step donates its inputs; copies keep the model's own arrays valid until the end.
+    params = jax.tree.map(jnp.copy, params)
+    settings = _OptimizerSettings.from_config(config)
+    opt_state = _optimizer(settings).init(params)
+    rng_data = jax.random.key_data(jax.random.key(config.seed))
+
+    checkpointer, step, history = None, 0, TrainHistory()
+    if checkpoint_dir is not None:
+        checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
+        try:
+            latest = _latest_to_resume(checkpointer, resume)
+            if latest is not None:
+                params, opt_state, step, rng_data, history = _restore(
+                    checkpointer, latest, config, num_examples, params, opt_state, rng_data
+                )
+        except BaseException:
+            checkpointer.close()
+            raise
+
+    order = _DataOrder(num_examples, config)
+    bar = tqdm(
+        total=config.num_steps, initial=step, disable=not progress, desc="finetune", unit="step"
+    )
+    try:
+        tick = time.perf_counter()
+        while step < config.num_steps:
+            batches, tokens = _step_batches(train_data, order.indices(step), config)
+            params, opt_state, metrics = _train_step(
+                params,
+                opt_state,
+                frozen,
+                batches,
+                rng_data,
+                jnp.asarray(step, jnp.int32),
+                graphdef=graphdef,
+                settings=settings,
+            )
+            metrics = {name: float(value) for name, value in metrics.items()}
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                raise FloatingPointError(
+                    f"Step {step + 1}: loss {metrics['loss']}, gradient norm "
+                    f"{metrics['grad_norm']}; lower the learning rate or check the data."
+                )
+            step += 1
+            seconds = time.perf_counter() - tick
+            history.steps.append(step)
+            history.losses.append(metrics["loss"])
+            history.grad_norms.append(metrics["grad_norm"])
+            history.learning_rates.append(metrics["learning_rate"])
+            history.tokens_per_second.append(tokens / seconds)
+            postfix = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{tokens / seconds:.0f}"}
+            if eval_data is not None and (
+                step % config.eval_every == 0 or step == config.num_steps
+            ):
+                eval_loss = _evaluate(eval_graphdef, params, frozen, eval_data, config.batch_size)
+                history.eval_steps.append(step)
+                history.eval_losses.append(eval_loss)
+            if history.eval_losses:
+                postfix["eval"] = f"{history.eval_losses[-1]:.4f}"
+            if checkpointer is not None and (
+                step % config.checkpoint_every == 0 or step == config.num_steps
+            ):
+                metadata = {
+                    "train_config": dataclasses.asdict(config),
+                    "num_examples": num_examples,
+                    "step": step,
+                    "data_position": order.position(step),
+                    "history": _history_record(history),
+                }
+                checkpointer.save(
+                    step, _checkpoint_tree(params, opt_state, step, rng_data), metadata=metadata
+                )
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            tick = time.perf_counter()
+    finally:
+        bar.close()
+        if checkpointer is not None:
+            checkpointer.close()
+
+    nnx.update(model, params)
+    history.wall_seconds = time.perf_counter() - started
+    return TrainResult(model, history)
+
+
+class _OptimizerSettings(NamedTuple):
+    """The part of `TrainConfig` that defines the optimizer: hashable, a static jit argument.
+
+    The seed is not in it, so runs that differ only in their seed share one compiled step.
+    """
+
+    learning_rate: float
+    warmup_steps: int
+    num_steps: int
+    max_grad_norm: float
+    weight_decay: float
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> _OptimizerSettings:
+        return cls(
+            float(config.learning_rate),
+            int(config.warmup_steps),
+            int(config.num_steps),
+            float(config.max_grad_norm),
+            float(config.weight_decay),
+        )
+
+
+def _schedule(settings: _OptimizerSettings) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=settings.learning_rate,
+        warmup_steps=settings.warmup_steps,
+        decay_steps=settings.num_steps,
+    )
+
+
+def _optimizer(settings: _OptimizerSettings) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(settings.max_grad_norm),
+        optax.adamw(_schedule(settings), weight_decay=settings.weight_decay),
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "settings"), donate_argnames=("params", "opt_state")
+)
+def _train_step(
+    params: nnx.State,
+    opt_state: optax.OptState,
+    frozen: nnx.State,
+    batches: Batch,
+    rng_data: jax.Array,
+    step: jax.Array,
+    *,
+    graphdef: nnx.GraphDef,
+    settings: _OptimizerSettings,
+) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
+    """One optimizer update from micro-batches stacked on a leading axis ([M, B, T] arrays)."""
+
+    def loss_fn(params, batch, key):
+        # copy: fresh Variables belong to this trace (inside scan), so reseeding may set them.
+        model = nnx.merge(graphdef, params, frozen, copy=True)
+        # Dropout keys are a function of (seed, step, micro-batch) only, so a resumed run draws
+        # exactly the masks the uninterrupted run drew.
+        nnx.reseed(model, dropout=key)
+        return mean_loss(model(batch.input_ids, batch.attention_mask), batch)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+    num_micro = batches.input_ids.shape[0]
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(rng_data), step)
+    micro_keys = jax.random.split(step_key, num_micro)
+    if num_micro == 1:
+        loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batches), micro_keys[0])
+    else:
+        # Each micro-batch's mean is weighted by its number of real examples: the result is the
+        # mean over all the step's examples, as one big batch would give.
+        def accumulate(carry, inputs):
+            grad_sum, loss_sum, count = carry
+            batch, key = inputs
+            real = jnp.sum(jnp.asarray(batch.example_mask, jnp.float32))
+            loss, grads = grad_fn(params, batch, key)
+            grad_sum = jax.tree.map(lambda total, g: total + real * g, grad_sum, grads)
+            return (grad_sum, loss_sum + real * loss, count + real), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grad_sum, loss_sum, count), _ = jax.lax.scan(accumulate, init, (batches, micro_keys))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda total: total / count, grad_sum)
+        loss = loss_sum / count
+    updates, opt_state = _optimizer(settings).update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": _schedule(settings)(step),
+    }
+    return params, opt_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _eval_sums(
+    params: nnx.State, frozen: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef
+) -> tuple[jax.Array, jax.Array]:
+    """The sum of the per-example losses of a batch and its number of real examples."""
+    model = nnx.merge(graphdef, params, frozen)
+    losses = example_losses(model(batch.input_ids, batch.attention_mask), batch)
+    return jnp.sum(losses), jnp.sum(jnp.asarray(batch.example_mask, jnp.float32))
+
+
+def _evaluate(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    frozen: nnx.State,
+    data: BatchSource,
+    batch_size: int,
+) -> float:
+    """The mean loss over every example of `data`."""
+    total, count = 0.0, 0.0
+    for start in range(0, len(data), batch_size):
+        indices = np.arange(start, min(start + batch_size, len(data)))
+        batch = _checked_batch(data.batch(indices, batch_size=batch_size), batch_size, "eval_data")
+        loss_sum, real = _eval_sums(params, frozen, batch, graphdef=graphdef)
+        total += float(loss_sum)
+        count += float(real)
+    return total / max(count, 1.0)
+
+
+class _DataOrder:
+    """Which examples each step reads: a function of (seed, step) alone, so resume recomputes it.
+
+    Step `s` is step `s % steps_per_epoch` of epoch `s // steps_per_epoch`; epoch `e` reads the
+    permutation `default_rng((seed, e)).permutation(n)` in slices of `examples_per_step`.
+    """
+
+    def __init__(self, num_examples: int, config: TrainConfig):
+        self._num_examples = num_examples
+        self._per_step = config.examples_per_step
+        self._seed = config.seed
+        self.steps_per_epoch = math.ceil(num_examples / self._per_step)
+        self._epoch, self._permutation = -1, np.empty(0, np.int64)
+
+    def position(self, step: int) -> dict[str, int]:
+        """The (epoch, offset into its permutation) of the first example step `step` reads."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        return {"epoch": epoch, "offset": within * self._per_step}
+
+    def indices(self, step: int) -> np.ndarray:
+        position = self.position(step)
+        if position["epoch"] != self._epoch:
+            rng = np.random.default_rng((self._seed, position["epoch"]))
+            self._epoch, self._permutation = position["epoch"], rng.permutation(self._num_examples)
+        return self._permutation[position["offset"] : position["offset"] + self._per_step]
+
+
+def _step_batches(data: BatchSource, indices: np.ndarray, config: TrainConfig) -> tuple[Batch, int]:
+    """The step's micro-batches stacked into [M, B, T] arrays, and their number of real tokens.
+
+    Micro-batches come from separate `batch` calls and may have different bucket lengths; the
+    shorter ones are padded on the right with masked tokens, which change no loss.
+    """
+    batch_size, num_micro = config.batch_size, config.grad_accumulation
+    micro_batches: list[Batch | None] = []
+    for chunk in np.array_split(indices, num_micro):
+        if len(chunk) == 0:
+            micro_batches.append(None)
+        else:
+            batch = data.batch(chunk, batch_size=batch_size)
+            micro_batches.append(_checked_batch(batch, batch_size, "train_data"))
+    real_batches = [batch for batch in micro_batches if batch is not None]
+    # A step with fewer examples than micro-batches (the end of an epoch) fills the remaining
+    # slots with copies whose rows are all padding: they keep the compiled shape and weigh zero.
+    filler = real_batches[0]._replace(example_mask=np.zeros_like(real_batches[0].example_mask))
+    micro_batches = [filler if batch is None else batch for batch in micro_batches]
+    length = max(batch.input_ids.shape[1] for batch in micro_batches)
+    padded = [_pad_length(batch, length) for batch in micro_batches]
+    stacked = Batch(*(np.stack(arrays) for arrays in zip(*padded, strict=True)))
+    tokens = sum(
+        int(np.sum(np.asarray(batch.attention_mask)[np.asarray(batch.example_mask, bool)]))
+        for batch in real_batches
+    )
+    return stacked, tokens
+
+
+def _pad_length(batch: Batch, length: int) -> Batch:
+    extra = length - batch.input_ids.shape[1]
+    if extra == 0:
+        return batch
+    widths = ((0, 0), (0, extra))
+    return Batch(
+        np.pad(np.asarray(batch.input_ids), widths),
+        np.pad(np.asarray(batch.attention_mask), widths),
+        np.pad(np.asarray(batch.loss_mask), widths),
+        np.asarray(batch.example_mask),
+    )
+
+
+def _checked_batch(batch: Batch, batch_size: int, name: str) -> Batch:
+    shape = np.shape(batch.input_ids)
+    if len(shape) != 2 or shape[0] != batch_size:
+        raise ValueError(
+            f"{name}.batch(..., batch_size={batch_size}) returned input_ids of shape {shape}; "
+            f"expected [{batch_size}, length]."
+        )
+    for field in ("attention_mask", "loss_mask"):
+        if np.shape(getattr(batch, field)) != shape:
+            raise ValueError(
+                f"{name}.batch returned {field} of shape {np.shape(getattr(batch, field))}, "
+                f"but input_ids of shape {shape}."
+            )
+    if np.shape(batch.example_mask) != (batch_size,):
+        raise ValueError(
+            f"{name}.batch returned example_mask of shape {np.shape(batch.example_mask)}; "
+            f"expected ({batch_size},)."
+        )
+    return batch
+
+
+def _checked_length(data: BatchSource, name: str) -> int:
+    size = len(data)
+    if size == 0:
+        raise ValueError(f"{name} holds no example.")
+    return size
+
+
+def _checkpoint_tree(
+    params: nnx.State, opt_state: optax.OptState, step: int, rng_data: jax.Array
+) -> dict[str, Any]:
+    return {
+        "trainable": params,
+        "opt_state": opt_state,
+        "step": np.asarray(step, np.int64),
+        "rng": rng_data,
+    }
+
+
+def _history_record(history: TrainHistory) -> dict[str, Any]:
+    record = dataclasses.asdict(history)
+    # Per-call facts, not part of the run's record.
+    del record["wall_seconds"], record["resumed_from"]
+    return record
+
+
+def _latest_to_resume(checkpointer: Checkpointer, resume: bool) -> int | None:
+    """The checkpoint step to resume from, `None` to start from scratch."""
+    latest = checkpointer.latest_step()
+    if latest is not None and not resume:
+        raise FileExistsError(
+            f"{checkpointer.directory} already holds checkpoints (latest step {latest}); "
+            "pass resume=True to continue from it, or choose another checkpoint_dir."
+        )
+    if resume and latest is None:
+        logger.info("No checkpoint in %s: training from scratch.", checkpointer.directory)
+    elif resume:
+        logger.info("Resuming from step %d of %s.", latest, checkpointer.directory)
+    return latest
+
+
+def _restore(
+    checkpointer: Checkpointer,
+    step: int,
+    config: TrainConfig,
+    num_examples: int,
+    params: nnx.State,
+    opt_state: optax.OptState,
+    rng_data: jax.Array,
+) -> tuple[nnx.State, optax.OptState, int, jax.Array, TrainHistory]:
+    """Reads checkpoint `step` after checking that it belongs to this run."""
+    where = f"checkpoint step {step} in {checkpointer.directory}"
+    metadata = checkpointer.metadata(step)
+    saved = metadata.get("train_config", {})
+    current = dataclasses.asdict(config)
+    changed = [
+        name
+        for name in current
+        if name not in _RESUMABLE_CHANGES and saved.get(name) != current[name]
+    ]
+    if changed:
+        details = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in changed)
+        raise ValueError(
+            f"Cannot resume from {where}: it was trained with a different TrainConfig "
+            f"({details}). Resume with the same config, or choose another checkpoint_dir."
+        )
+    if metadata.get("num_examples") != num_examples:
+        raise ValueError(
+            f"Cannot resume from {where}: it was trained on {metadata.get('num_examples')} "
+            f"examples, train_data has {num_examples}."
+        )
+    target = _checkpoint_tree(params, opt_state, step, rng_data)
+    try:
+        restored = checkpointer.restore(step, target=target)
+    except ValueError as error:
+        raise ValueError(
+            f"Cannot resume from {where}: the model's trainable parameters or the optimizer "
+            f"do not match it ({error})"
+        ) from error
+    history = TrainHistory(**metadata.get("history", {}), resumed_from=step)
+    return (
+        restored["trainable"],
+        restored["opt_state"],
+        int(restored["step"]),
+        restored["rng"],
+        history,
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
