@@ -11,6 +11,7 @@ from kernels._solution import (
     Solution,
     Status,
     check_damping,
+    initial_relative_residual,
     iterate,
     running,
 )
@@ -60,7 +61,7 @@ def cg_solver(matvec: Callable[[PyTree], PyTree], /, *, damping) -> IterativeSol
             direction=b,
             residual_sq=residual_sq,
             rhs_norm=rhs_norm,
-            relative_residual=jnp.where(rhs_norm > 0, 1.0, 0.0).astype(rhs_norm.dtype),
+            relative_residual=initial_relative_residual(rhs_norm),
             steps=jnp.zeros((), jnp.int32),
             status=running(),
         )

@@ -12,6 +12,7 @@ from kernels._solution import (
     Solution,
     Status,
     check_damping,
+    initial_relative_residual,
     iterate,
     running,
 )
@@ -66,7 +67,7 @@ def lissa_solver(
             x=tree_zeros_like(b),
             rhs=b,
             rhs_norm=rhs_norm,
-            relative_residual=jnp.where(rhs_norm > 0, 1.0, 0.0).astype(rhs_norm.dtype),
+            relative_residual=initial_relative_residual(rhs_norm),
             steps=jnp.zeros((), jnp.int32),
             status=running(),
         )

@@ -155,6 +155,11 @@ def check_damping(damping, name: str, *, strictly_positive: bool = False) -> Non
         raise ValueError(f"{name}: damping must be >= 0, got {value}")
 
 
+def initial_relative_residual(rhs_norm: jax.Array) -> jax.Array:
+    """The relative residual of x₀ = 0: 1, or 0 for a zero right-hand side (already solved)."""
+    return jnp.where(rhs_norm > 0, 1.0, 0.0).astype(rhs_norm.dtype)
+
+
 def running() -> jax.Array:
     """The status of a state that has not stopped."""
     return jnp.asarray(Status.RUNNING, jnp.int32)
