@@ -5,8 +5,8 @@ synthetic corpus, then prompts with each PII value's training context and decode
 Prints the PII extraction recall for trained people against held-out people (never trained
 on), and the fine-tune's wall-clock. Writes the figures as JSON to experiments/results/.
 
-    python experiments/finetune_memorization.py            # about 2 minutes on 2 CPU cores
-    python experiments/finetune_memorization.py --epochs 4 --rank 8
+    python experiments/finetune_memorization.py      # builds the default once (a few minutes)
+    python experiments/finetune_memorization.py --epochs 10 --rank 16
 """
 
 import argparse
@@ -30,11 +30,11 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", default=None, help="cache of the embedded default")
-    parser.add_argument("--epochs", type=float, default=8.0)
+    parser.add_argument("--epochs", type=float, default=30.0)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--alpha", type=float, default=64.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     options = parser.parse_args()

@@ -43,21 +43,27 @@ MANIFEST = "manifest.json"
 
 @dataclasses.dataclass(frozen=True)
 class DefaultRecipe:
-    """Everything that determines the embedded default; its hash names the cache folder."""
+    """Everything that determines the embedded default; its hash names the cache folder.
+
+    The vocabulary is small on purpose: a token seen rarely in pre-training keeps an output
+    embedding that LoRA adapters on the projections can hardly make win, so private values
+    built from rare tokens are memorized slowly. Measured on 10 people, 100 LoRA steps: eval
+    loss 1.54 with 2048 tokens and 400 pre-training steps, 0.38 with 768 tokens and 600.
+    """
 
     seed: int = 0
-    private_people: int = 100
+    private_people: int = 50
     public_people: int = 400
     held_out_fraction: float = 0.2
-    vocab_size: int = 2048
+    vocab_size: int = 768
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
-    max_length: int = 96
-    buckets: tuple[int, ...] = (32, 48, 64, 96)
-    pretrain_steps: int = 400
+    max_length: int = 128
+    buckets: tuple[int, ...] = (32, 48, 64, 96, 128)
+    pretrain_steps: int = 600
     pretrain_batch_size: int = 32
     pretrain_learning_rate: float = 3e-3
 
