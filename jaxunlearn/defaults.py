@@ -31,10 +31,10 @@ from jaxunlearn.data import (
     generate_corpus,
     load_tokenizer,
     tokenize_examples,
+    train_bpe_tokenizer,
     write_corpus,
 )
 from jaxunlearn.models import LlamaForCausalLM, ModelConfig, from_config, load, save
-from jaxunlearn.tokenizer import train_bpe_tokenizer
 from jaxunlearn.train import TrainConfig, finetune
 
 CACHE_ENV = "JAXUNLEARN_CACHE"

@@ -47,7 +47,8 @@ def linearize_hvp(f: Callable[..., jax.Array], params: PyTree, *args: Any) -> Ma
     apply the same Hessian many times.
 
     Works inside `jax.jit` and outside it; outside, both the linearization and every product
-    run compiled.
+    run compiled. The linearization is compiled once per `f` (a static argument): pass the same
+    function object each time, not a fresh lambda, or every call compiles anew.
     """
     linear_gradient = _linearize_gradient(f, params, *args)
     return partial(_apply_linear_map, linear_gradient)

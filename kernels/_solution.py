@@ -99,11 +99,6 @@ class Solution(NamedTuple):
                 )
         return self
 
-    @property
-    def succeeded(self) -> jax.Array:
-        """True where the solve converged or used its whole budget without failing."""
-        return (self.status == Status.CONVERGED) | (self.status == Status.MAX_STEPS)
-
 
 class IterativeSolver(NamedTuple):
     """A pure solver: `init(b) -> state` and `step(state) -> state`.

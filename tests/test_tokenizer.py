@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from jaxunlearn.tokenizer import train_bpe_tokenizer
+from jaxunlearn.data import train_bpe_tokenizer
 
 CORPUS = [
     f"The email address of Person {i} is person{i}@example.org. Their phone is 555-01{i:02d}."

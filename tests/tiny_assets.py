@@ -4,9 +4,8 @@ import pathlib
 
 import jax
 
-from jaxunlearn.data import generate_corpus
+from jaxunlearn.data import generate_corpus, train_bpe_tokenizer
 from jaxunlearn.models import ModelConfig, from_config, save
-from jaxunlearn.tokenizer import train_bpe_tokenizer
 
 TINY_CONFIG = ModelConfig(
     vocab_size=512,

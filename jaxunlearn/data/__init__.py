@@ -4,9 +4,11 @@ An `Example` is a (prompt, response) pair with a stable id. `load_examples` read
 JSONL, CSV or Parquet files or a `datasets` dataset; `tokenize_examples` turns them into a
 `TokenizedDataset` whose `batch` gives the `jaxunlearn.batch.Batch` every model computation
 consumes (loss only on response tokens, a few static padded lengths). `generate_corpus` and
-`write_corpus` (module `synthetic`) make a seeded corpus of fictitious people with PII.
+`write_corpus` (module `synthetic`) make a seeded corpus of fictitious people with PII, and
+`train_bpe_tokenizer` a byte-level BPE tokenizer for a model built from scratch.
 """
 
+from jaxunlearn.data._bpe import train_bpe_tokenizer
 from jaxunlearn.data._errors import DataError, ExampleTooLongError, TokenizerMismatchError
 from jaxunlearn.data._examples import Example, content_hash, save_examples
 from jaxunlearn.data._loading import load_examples
@@ -49,5 +51,6 @@ __all__ = [
     "make_data",
     "save_examples",
     "tokenize_examples",
+    "train_bpe_tokenizer",
     "write_corpus",
 ]
