@@ -1,9 +1,9 @@
 """Meshes and the rules that map parameters' logical axis names to mesh axes.
 
-Layers annotate each parameter with logical names (`embed`, `vocab`, `mlp`, `heads`,
-`kv_heads`, `norm`, `lora_rank`); the rules here, in one place, say which mesh axis (`data`,
-`fsdp`, `tensor`) shards each. Changing a parallelism strategy means changing the rules, never
-the model.
+Layers annotate each parameter with logical names (`embed`, `word_embed`, `vocab`,
+`positions`, `mlp`, `heads`, `kv_heads`, `norm`, `lora_rank`); the rules here, in one place, say
+which mesh axis (`data`, `fsdp`, `tensor`) shards each. Changing a parallelism strategy means
+changing the rules, never the model.
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 DEFAULT_RULES: LogicalRules = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
+    # OPT's token-embedding width, which `project_in`/`project_out` map to and from `embed`.
+    ("word_embed", "fsdp"),
     ("vocab", "tensor"),
+    # Rows of learned position tables (GPT-2, OPT): small, so replicated.
+    ("positions", None),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

@@ -6,7 +6,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,27 +16,25 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxunlearn.models._config import ModelConfig
-from jaxunlearn.models._llama import LlamaForCausalLM
+from jaxunlearn.models._families import CausalLM, Family, architecture, family_of, load_config
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-# Older transformers versions saved the rotary buffers; they are recomputed from the config.
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory does not hold the tensors its config describes."""
 
 
-def _checkpoint_name(path: tuple) -> tuple[str, bool]:
+def _checkpoint_name(path: tuple, family: Family) -> tuple[str, bool]:
     """Maps an NNX parameter path to its Hugging Face tensor name and whether to transpose."""
     # A LoRA wrapper keeps the frozen projection under `base`; the checkpoint does not see it.
     parts = [str(p) for p in path if p != "base"]
     if parts[-1] == "kernel":
-        return ".".join([*parts[:-1], "weight"]), True
-    if parts[-1] == "embed_tokens":
+        # nn.Linear stores [out, in]; Conv1D stores our [in, out].
+        return ".".join([*parts[:-1], "weight"]), parts[-2] not in family.conv1d_modules
+    if parts[-1] not in ("weight", "bias"):
+        # An embedding table is a parameter of its own, `<name>.weight` in transformers.
         return ".".join([*parts, "weight"]), False
     return ".".join(parts), False
 
@@ -73,6 +72,25 @@ def _tensor_files(directory: str) -> dict[str, str]:
     return files
 
 
+def _with_prefix(
+    files: dict[str, str], expected: Mapping[str, Any], prefix: str
+) -> dict[str, tuple[str, str]]:
+    """Returns {model tensor name: (file, stored name)}, restoring the base-model prefix.
+
+    transformers saves `GPT2Model` tensors as `h.0...` where `GPT2LMHeadModel` has
+    `transformer.h.0...`, and loads either into either; so does this.
+    """
+    located = {}
+    for stored, file in files.items():
+        name = stored
+        if stored not in expected and f"{prefix}.{stored}" in expected:
+            name = f"{prefix}.{stored}"
+        if name in located:
+            raise CheckpointError(f"tensor {name!r} is stored both with and without {prefix!r}.")
+        located[name] = (file, stored)
+    return located
+
+
 def _open(file: str, read):
     try:
         with safe_open(file, framework="numpy") as f:
@@ -88,12 +106,14 @@ def _describe(names: list[str], limit: int = 8) -> str:
 
 def load(
     path: str | os.PathLike, /, *, dtype: jnp.dtype = jnp.float32, remat: bool = False
-) -> LlamaForCausalLM:
-    """Loads a local Hugging Face Llama-family checkpoint directory.
+) -> CausalLM:
+    """Loads a local Hugging Face checkpoint directory of a Llama, GPT-2 or OPT model.
 
-    The directory holds `config.json` and either `model.safetensors`, several `*.safetensors`
-    files, or shards listed by `model.safetensors.index.json`. Nothing is downloaded and only
-    safetensors are read (never pickles).
+    The directory holds `config.json`, whose `model_type` picks the family, and either
+    `model.safetensors`, several `*.safetensors` files, or shards listed by
+    `model.safetensors.index.json`. Nothing is downloaded and only safetensors are read (never
+    pickles). Checkpoints saved from transformers' base model (`GPT2Model`, `OPTModel`, ...,
+    whose tensor names lack the `transformer.` or `model.` prefix) load too.
 
     Args:
         path: The checkpoint directory.
@@ -110,19 +130,20 @@ def load(
             is not valid safetensors.
     """
     directory = os.fspath(path)
-    config = ModelConfig.from_pretrained(directory)
+    config = load_config(directory)
+    family = family_of(config)
     abstract = nnx.eval_shape(
-        lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat)
+        lambda: family.model_class(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat)
     )
     graphdef, state = nnx.split(abstract)
     expected: dict[str, tuple[tuple, bool, tuple[int, ...]]] = {}
     for param_path, variable in nnx.to_flat_state(state):
-        name, transpose = _checkpoint_name(param_path)
+        name, transpose = _checkpoint_name(param_path, family)
         shape = tuple(variable.shape)
         expected[name] = (param_path, transpose, shape[::-1] if transpose else shape)
 
-    files = _tensor_files(directory)
-    ignored = {n for n in files if n.endswith(_IGNORED_SUFFIXES)}
+    files = _with_prefix(_tensor_files(directory), expected, family.checkpoint_prefix)
+    ignored = {n for n in files if n.endswith(family.ignored_tensors)}
     if config.tie_word_embeddings:
         # Some exporters write the tied head anyway; it is the embedding matrix.
         ignored.add("lm_head.weight")
@@ -130,10 +151,10 @@ def load(
     unexpected = sorted(set(files) - set(expected) - ignored)
     by_file: dict[str, list[str]] = {}
     for name in expected.keys() & files.keys():
-        by_file.setdefault(files[name], []).append(name)
+        by_file.setdefault(files[name][0], []).append(name)
 
     def read_shapes(f):
-        return {name: tuple(f.get_slice(name).get_shape()) for name in by_file[file]}
+        return {name: tuple(f.get_slice(files[name][1]).get_shape()) for name in by_file[file]}
 
     wrong_shapes = []
     for file in by_file:
@@ -156,7 +177,7 @@ def load(
     for file, names in by_file.items():
 
         def read_tensors(f, names=names):
-            return {name: f.get_tensor(name) for name in names}
+            return {name: f.get_tensor(files[name][1]) for name in names}
 
         for name, tensor in _open(file, read_tensors).items():
             param_path, transpose, _ = expected[name]
@@ -170,9 +191,7 @@ def load(
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
-def save(
-    model: LlamaForCausalLM, path: str | os.PathLike, /, *, max_shard_bytes: int = 5 * 2**30
-) -> None:
+def save(model: CausalLM, path: str | os.PathLike, /, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes the base model as a Hugging Face checkpoint directory that `load` and
     transformers' `from_pretrained` read back.
 
@@ -194,9 +213,10 @@ def save(
             "save writes base models only and this model holds LoRA parameters; save the "
             "adapters separately or save the model before add_lora."
         )
+    family = family_of(model)
     tensors: dict[str, np.ndarray] = {}
     for param_path, variable in _base_parameters(model):
-        name, transpose = _checkpoint_name(param_path)
+        name, transpose = _checkpoint_name(param_path, family)
         array = np.asarray(variable[...])
         tensors[name] = np.ascontiguousarray(array.T if transpose else array)
 
@@ -215,9 +235,7 @@ def save(
     try:
         hf_config = model.config.to_hf()
         hf_config.dtype = str(jnp.dtype(model.dtype))
-        hf_config.architectures = [
-            "MistralForCausalLM" if model.config.model_type == "mistral" else "LlamaForCausalLM"
-        ]
+        hf_config.architectures = [architecture(model.config)]
         hf_config.save_pretrained(staging)
         if len(shards) == 1:
             file_names = [SINGLE_FILE]

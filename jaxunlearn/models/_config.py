@@ -1,10 +1,13 @@
-"""`ModelConfig`: the architecture of a Llama-family causal LM, read from a Hugging Face config."""
+"""`ModelConfig`: the architecture of a Llama-family causal LM, read from a Hugging Face config.
+
+Also the helpers every family's config uses to read a Hugging Face config strictly.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import transformers
 
@@ -12,7 +15,7 @@ import transformers
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 # Hugging Face fields that do not change the forward computation of a checkpoint we can run.
-_IGNORED_FIELDS = frozenset(
+IGNORED_FIELDS = frozenset(
     {
         # Bookkeeping of PreTrainedConfig.
         "transformers_version",
@@ -125,6 +128,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     model_type: str = "llama"
 
+    # Rotary embeddings encode any position: no length limit.
+    context_limit: ClassVar[int | None] = None
+
     def __post_init__(self):
         for name in (
             "vocab_size",
@@ -182,11 +188,7 @@ class ModelConfig:
             FileNotFoundError: If `path/config.json` does not exist (nothing is downloaded).
             UnsupportedConfigError: If the config asks for something this model does not compute.
         """
-        config_file = os.path.join(os.fspath(path), "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"No config.json in checkpoint directory {os.fspath(path)!r}.")
-        hf_config = transformers.AutoConfig.from_pretrained(os.fspath(path), local_files_only=True)
-        return cls.from_hf(hf_config)
+        return cls.from_hf(read_hf_config(path))
 
     @classmethod
     def from_hf(cls, hf_config: transformers.PretrainedConfig, /) -> ModelConfig:
@@ -231,20 +233,14 @@ class ModelConfig:
             "attention_dropout",
             "sliding_window",
         }
-        unknown = sorted(set(fields) - used - _IGNORED_FIELDS)
-        if unknown:
-            raise UnsupportedConfigError(
-                f"config field {unknown[0]!r} is not supported by the jaxunlearn Llama "
-                f"(all unknown fields: {unknown})."
-            )
-        _require(fields, "hidden_act", "silu")
-        _require(fields, "attention_dropout", 0.0)
-        _require(fields, "sliding_window", None)
+        check_fields(fields, used, family="Llama")
+        require(fields, "hidden_act", "silu")
+        require(fields, "attention_dropout", 0.0)
+        require(fields, "sliding_window", None)
         rope_theta, rope_scaling = _parse_rope(fields.get("rope_parameters"))
         num_heads = fields["num_attention_heads"]
         head_dim = fields.get("head_dim") or fields["hidden_size"] // num_heads
-        eos = fields.get("eos_token_id")
-        eos = () if eos is None else (tuple(eos) if isinstance(eos, list | tuple) else (eos,))
+        eos = eos_tuple(fields.get("eos_token_id"))
         return cls(
             vocab_size=fields["vocab_size"],
             hidden_size=fields["hidden_size"],
@@ -272,7 +268,6 @@ class ModelConfig:
         if self.rope_scaling is not None:
             scaling = dataclasses.asdict(self.rope_scaling)
             rope_parameters.update({k: v for k, v in scaling.items() if v is not None})
-        eos = list(self.eos_token_id)
         kwargs: dict[str, Any] = dict(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -287,7 +282,7 @@ class ModelConfig:
             attention_bias=self.attention_bias,
             max_position_embeddings=self.max_position_embeddings,
             bos_token_id=self.bos_token_id,
-            eos_token_id=(eos[0] if len(eos) == 1 else (eos or None)),
+            eos_token_id=eos_field(self.eos_token_id),
             pad_token_id=self.pad_token_id,
         )
         if self.model_type == "mistral":
@@ -299,11 +294,50 @@ class ModelConfig:
         return transformers.AutoConfig.for_model(self.model_type, **kwargs)
 
 
-def _require(fields: dict[str, Any], name: str, expected: Any) -> None:
+def read_hf_config(path: str | os.PathLike, /) -> transformers.PretrainedConfig:
+    """Reads `config.json` of a local checkpoint directory with transformers' config classes.
+
+    Raises:
+        FileNotFoundError: If `path/config.json` does not exist (nothing is downloaded).
+    """
+    config_file = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"No config.json in checkpoint directory {os.fspath(path)!r}.")
+    return transformers.AutoConfig.from_pretrained(os.fspath(path), local_files_only=True)
+
+
+def check_fields(fields: dict[str, Any], used: set[str], *, family: str) -> None:
+    """Rejects a config holding a field that is neither used nor known not to matter.
+
+    Raises:
+        UnsupportedConfigError: Naming the first unknown field.
+    """
+    unknown = sorted(set(fields) - used - IGNORED_FIELDS)
+    if unknown:
+        raise UnsupportedConfigError(
+            f"config field {unknown[0]!r} is not supported by the jaxunlearn {family} "
+            f"(all unknown fields: {unknown})."
+        )
+
+
+def require(fields: dict[str, Any], name: str, expected: Any) -> None:
+    """Rejects a config whose field `name` is present with another value than `expected`."""
     if name in fields and fields[name] != expected:
         raise UnsupportedConfigError(
             f"config field {name!r} is {fields[name]!r}; only {expected!r} is supported."
         )
+
+
+def eos_tuple(value: int | list[int] | None) -> tuple[int, ...]:
+    """A config's `eos_token_id` (absent, one id or several) as a tuple."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list | tuple) else (value,)
+
+
+def eos_field(eos: tuple[int, ...]) -> int | list[int] | None:
+    """The inverse of `eos_tuple`, as transformers configs write it."""
+    return eos[0] if len(eos) == 1 else (list(eos) or None)
 
 
 def _parse_rope(rope_parameters: dict[str, Any] | None) -> tuple[float, RopeScaling | None]:

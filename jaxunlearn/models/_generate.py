@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxunlearn.models._llama import KVCache, LlamaForCausalLM
+from jaxunlearn.models._families import CausalLM
+from jaxunlearn.models._layers import KVCache
 
 
 class Generation(NamedTuple):
@@ -27,7 +28,7 @@ class Generation(NamedTuple):
 
 
 def generate(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     prompt_ids: jax.Array,
     prompt_mask: jax.Array | None = None,
     /,
@@ -47,7 +48,7 @@ def generate(
     Adapters with dropout sample their masks unless `model.eval()` was called.
 
     Args:
-        model: The model.
+        model: A model of any family (Llama, GPT-2, OPT).
         prompt_ids: [batch, length] prompt token ids.
         prompt_mask: [batch, length], 1 for real tokens and 0 for padding; `None` for no padding.
         max_new_tokens: The most tokens to add to each prompt.
@@ -63,7 +64,8 @@ def generate(
 
     Raises:
         ValueError: On inconsistent shapes, an empty prompt, a negative temperature, sampling
-            without a key, or a `top_k` outside [1, vocab_size].
+            without a key, a `top_k` outside [1, vocab_size], or a prompt length plus
+            `max_new_tokens` beyond the positions a learned position table covers.
     """
     config = model.config
     prompt_ids = jnp.asarray(prompt_ids)
@@ -80,6 +82,12 @@ def generate(
         raise ValueError("Every prompt needs at least one real token (a mask row is all zeros).")
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    limit = config.context_limit
+    if limit is not None and prompt_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"A prompt of length {prompt_ids.shape[1]} plus {max_new_tokens} new tokens exceeds "
+            f"the {limit} positions of this model's learned position embeddings."
+        )
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}.")
     if temperature > 0 and key is None:

@@ -8,74 +8,25 @@ metadata that `jaxunlearn.parallel` maps to mesh axes.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxunlearn.models._config import ModelConfig
+from jaxunlearn.models._layers import (
+    KVCache,
+    Linear,
+    attend,
+    attention_inputs,
+    embedding,
+    run_layers,
+)
 from jaxunlearn.models._rope import apply_rotary, rotary_cos_sin
 
-# transformers initialises every weight matrix with N(0, initializer_range = 0.02).
-_INIT_STDDEV = 0.02
-
-
-class KVCache(NamedTuple):
-    """Keys and values of the tokens seen so far, in a fixed number of slots.
-
-    Attributes:
-        keys: One [batch, capacity, kv_heads, head_dim] array per layer.
-        values: One [batch, capacity, kv_heads, head_dim] array per layer.
-        mask: [batch, capacity] booleans: which slots hold a real (non-padding) token.
-        index: Scalar int32: the slot the next token is written to.
-    """
-
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
-    mask: jax.Array
-    index: jax.Array
-
-    @classmethod
-    def init(
-        cls, config: ModelConfig, /, *, batch_size: int, capacity: int, dtype: jnp.dtype
-    ) -> KVCache:
-        """Returns an empty cache with room for `capacity` tokens per sequence."""
-        shape = (batch_size, capacity, config.num_kv_heads, config.head_dim)
-        return cls(
-            keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-            mask=jnp.zeros((batch_size, capacity), bool),
-            index=jnp.zeros((), jnp.int32),
-        )
-
-
-class Linear(nnx.Module):
-    """`x @ kernel + bias` with a [in, out] kernel annotated with logical axis names."""
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        use_bias: bool,
-        logical_axes: tuple[str, str],
-        dtype: jnp.dtype,
-        rngs: nnx.Rngs,
-    ):
-        kernel = _INIT_STDDEV * jax.random.normal(rngs.params(), (in_features, out_features))
-        self.kernel = nnx.Param(kernel.astype(dtype), logical_axes=logical_axes)
-        self.bias = (
-            nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=logical_axes[1:])
-            if use_bias
-            else None
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...]
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+# The projections LoRA can adapt, named as PEFT names them.
+LORA_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
 
 
 class RMSNorm(nnx.Module):
@@ -115,28 +66,13 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         config = self.config
         batch, length, _ = x.shape
-        kv_heads, groups = config.num_kv_heads, config.num_heads // config.num_kv_heads
-        query = self.q_proj(x).reshape(batch, length, config.num_heads, config.head_dim)
-        key = self.k_proj(x).reshape(batch, length, kv_heads, config.head_dim)
-        value = self.v_proj(x).reshape(batch, length, kv_heads, config.head_dim)
+        kv_heads, head_dim = config.num_kv_heads, config.head_dim
+        query = self.q_proj(x).reshape(batch, length, config.num_heads, head_dim)
+        key = self.k_proj(x).reshape(batch, length, kv_heads, head_dim)
+        value = self.v_proj(x).reshape(batch, length, kv_heads, head_dim)
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        new_cache = None
-        if cache is not None:
-            cached_keys, cached_values, index = cache
-            start = (0, index, 0, 0)
-            key = jax.lax.dynamic_update_slice(cached_keys, key.astype(cached_keys.dtype), start)
-            value = jax.lax.dynamic_update_slice(
-                cached_values, value.astype(cached_values.dtype), start
-            )
-            new_cache = (key, value)
-        # Query heads are grouped by the key/value head they share: no copies of keys/values.
-        query = query.reshape(batch, length, kv_heads, groups, config.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", query, key.astype(query.dtype))
-        scores = scores * (config.head_dim**-0.5)
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(scores.dtype).min)
-        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(query.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", weights, value.astype(query.dtype))
-        return self.o_proj(out.reshape(batch, length, -1)), new_cache
+        out, new_cache = attend(query, key, value, allowed, cache, scale=head_dim**-0.5)
+        return self.o_proj(out), new_cache
 
 
 class MLP(nnx.Module):
@@ -173,10 +109,9 @@ class LlamaModel(nnx.Module):
     """Token embeddings, decoder layers and the final norm."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, remat: bool, rngs: nnx.Rngs):
-        embedding = _INIT_STDDEV * jax.random.normal(
-            rngs.params(), (config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(
+            rngs, config.vocab_size, config.hidden_size, axes=("vocab", "embed"), dtype=dtype
         )
-        self.embed_tokens = nnx.Param(embedding.astype(dtype), logical_axes=("vocab", "embed"))
         self.layers = nnx.List(
             [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
         )
@@ -254,65 +189,20 @@ class LlamaForCausalLM(nnx.Module):
         Returns:
             Logits [batch, length, vocab] in the model dtype; with `cache`, also the updated cache.
         """
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}.")
-        batch, length = input_ids.shape
-        if attention_mask is None:
-            mask = jnp.ones((batch, length), bool)
-        else:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask shape {attention_mask.shape} differs from input_ids shape "
-                    f"{input_ids.shape}."
-                )
-            mask = attention_mask.astype(bool)
-        query_slots = jnp.arange(length)
-        if cache is None:
-            key_mask, key_slots, seen = mask, query_slots, 0
-        else:
-            if cache.mask.shape[0] != batch:
-                raise ValueError(f"cache batch {cache.mask.shape[0]} differs from input {batch}.")
-            key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
-            key_slots = jnp.arange(cache.mask.shape[1])
-            query_slots = cache.index + query_slots
-            seen = jnp.sum(cache.mask, axis=-1, keepdims=True)
+        inputs = attention_inputs(input_ids, attention_mask, cache)
         if positions is None:
-            positions = jnp.maximum(seen + jnp.cumsum(mask, axis=-1) - 1, 0)
-        # [batch, query, key]: causal in slot order, and never towards padding.
-        allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_mask[:, None, :]
-
-        embedding = self.model.embed_tokens[...]
-        hidden = jnp.take(embedding, input_ids, axis=0)
+            positions = inputs.positions
+        embedding_table = self.model.embed_tokens[...]
+        hidden = jnp.take(embedding_table, input_ids, axis=0)
         cos, sin = rotary_cos_sin(positions, self.config, self.dtype)
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.model.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
-            if self.model.remat:
-                hidden, layer_kv = nnx.remat(DecoderLayer.__call__)(
-                    layer, hidden, cos, sin, allowed, layer_cache
-                )
-            else:
-                hidden, layer_kv = layer(hidden, cos, sin, allowed, layer_cache)
-            if layer_kv is not None:
-                new_keys.append(layer_kv[0])
-                new_values.append(layer_kv[1])
+        hidden, new_cache = run_layers(
+            self.model.layers,
+            hidden,
+            (cos, sin, inputs.allowed),
+            inputs=inputs,
+            cache=cache,
+            remat=self.model.remat,
+        )
         hidden = self.model.norm(hidden)
-        logits = hidden @ embedding.T if self.lm_head is None else self.lm_head(hidden)
-        if cache is None:
-            return logits
-        new_cache = KVCache(tuple(new_keys), tuple(new_values), key_mask, cache.index + length)
-        return logits, new_cache
-
-
-def from_config(
-    config: ModelConfig, /, *, key: jax.Array, dtype: jnp.dtype = jnp.float32, remat: bool = False
-) -> LlamaForCausalLM:
-    """Returns a randomly initialised model (weights N(0, 0.02²), norms 1, biases 0).
-
-    Args:
-        config: The architecture.
-        key: PRNG key for the weights.
-        dtype: Parameter and computation dtype.
-        remat: Rematerialise each decoder layer in the backward pass.
-    """
-    return LlamaForCausalLM(config, rngs=nnx.Rngs(params=key), dtype=dtype, remat=remat)
+        logits = hidden @ embedding_table.T if self.lm_head is None else self.lm_head(hidden)
+        return logits if cache is None else (logits, new_cache)

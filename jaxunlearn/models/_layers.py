@@ -1,0 +1,267 @@
+"""Building blocks every model family shares: projections, LayerNorm, masked cached attention.
+
+The decoder families differ in their layers (norms, MLPs, position encodings) but not in how a
+batch with padding and a key-value cache is attended over; that logic lives here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# transformers initialises every weight matrix with N(0, initializer_range = 0.02).
+INIT_STDDEV = 0.02
+
+# transformers' `ACT2FN` names of the activations the families use, as JAX functions.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    # GPT-2's "gelu_new" is the tanh approximation; "gelu_pytorch_tanh" computes the same.
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+class CacheShape(Protocol):
+    """What `KVCache.init` reads from a config (every family's config has these)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+class KVCache(NamedTuple):
+    """Keys and values of the tokens seen so far, in a fixed number of slots.
+
+    Attributes:
+        keys: One [batch, capacity, kv_heads, head_dim] array per layer.
+        values: One [batch, capacity, kv_heads, head_dim] array per layer.
+        mask: [batch, capacity] booleans: which slots hold a real (non-padding) token.
+        index: Scalar int32: the slot the next token is written to.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    mask: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(
+        cls, config: CacheShape, /, *, batch_size: int, capacity: int, dtype: jnp.dtype
+    ) -> KVCache:
+        """Returns an empty cache with room for `capacity` tokens per sequence."""
+        shape = (batch_size, capacity, config.num_kv_heads, config.head_dim)
+        return cls(
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+            mask=jnp.zeros((batch_size, capacity), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+class Linear(nnx.Module):
+    """`x @ kernel + bias` with a [in, out] kernel annotated with logical axis names."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool,
+        logical_axes: tuple[str, str],
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        kernel = INIT_STDDEV * jax.random.normal(rngs.params(), (in_features, out_features))
+        self.kernel = nnx.Param(kernel.astype(dtype), logical_axes=logical_axes)
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=logical_axes[1:])
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with a learned scale and shift, computed in float32 and cast back."""
+
+    def __init__(self, size: int, *, eps: float, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((size,), dtype), logical_axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((size,), dtype), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centred = x32 - mean
+        variance = jnp.mean(centred * centred, axis=-1, keepdims=True)
+        normed = centred * jax.lax.rsqrt(variance + self.eps)
+        return (normed * self.weight[...] + self.bias[...]).astype(x.dtype)
+
+
+def embedding(rngs: nnx.Rngs, rows: int, width: int, *, axes: tuple[str, str], dtype) -> nnx.Param:
+    """A N(0, 0.02²) embedding table [rows, width] as a parameter with logical axes."""
+    table = INIT_STDDEV * jax.random.normal(rngs.params(), (rows, width))
+    return nnx.Param(table.astype(dtype), logical_axes=axes)
+
+
+class AttentionInputs(NamedTuple):
+    """Where each query may look, derived once per forward pass and shared by every layer.
+
+    Attributes:
+        key_mask: [batch, keys]: which key slots hold real tokens (the cache's slots with a
+            cache, else the input's tokens).
+        allowed: [batch, queries, keys]: causal in slot order, and never towards padding.
+        positions: [batch, queries]: the count of real tokens before each query (those already
+            in the cache included), i.e. the position transformers' `generate` gives it.
+    """
+
+    key_mask: jax.Array
+    allowed: jax.Array
+    positions: jax.Array
+
+
+def attention_inputs(
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    cache: KVCache | None,
+    *,
+    context_limit: int | None = None,
+) -> AttentionInputs:
+    """Validates a batch and returns its key mask, allowed pairs and default positions.
+
+    Args:
+        input_ids: [batch, length] token ids.
+        attention_mask: [batch, length], 1 for real tokens and 0 for padding; `None` for none.
+        cache: The key-value cache the new tokens are appended to, if any.
+        context_limit: The most positions the model can encode (learned position tables), or
+            `None` when any length works (rotary embeddings).
+
+    Raises:
+        ValueError: On inconsistent shapes, or a sequence (or cache) longer than
+            `context_limit`.
+    """
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}.")
+    batch, length = input_ids.shape
+    if attention_mask is None:
+        mask = jnp.ones((batch, length), bool)
+    else:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {attention_mask.shape} differs from input_ids shape "
+                f"{input_ids.shape}."
+            )
+        mask = attention_mask.astype(bool)
+    query_slots = jnp.arange(length)
+    if cache is None:
+        key_mask, key_slots, seen = mask, query_slots, 0
+    else:
+        if cache.mask.shape[0] != batch:
+            raise ValueError(f"cache batch {cache.mask.shape[0]} differs from input {batch}.")
+        key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
+        key_slots = jnp.arange(cache.mask.shape[1])
+        query_slots = cache.index + query_slots
+        seen = jnp.sum(cache.mask, axis=-1, keepdims=True)
+    # A position is at most the slot count minus one, so this static check bounds every position.
+    slots = key_slots.shape[0]
+    if context_limit is not None and slots > context_limit:
+        raise ValueError(
+            f"{slots} token slots exceed the {context_limit} positions this model's learned "
+            "position embeddings cover."
+        )
+    positions = jnp.maximum(seen + jnp.cumsum(mask, axis=-1) - 1, 0)
+    allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_mask[:, None, :]
+    return AttentionInputs(key_mask=key_mask, allowed=allowed, positions=positions)
+
+
+def attend(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    allowed: jax.Array,
+    cache: tuple[jax.Array, jax.Array, jax.Array] | None,
+    *,
+    scale: float,
+    float32_scores: bool = False,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Masked softmax attention of grouped query heads, writing new keys/values to a cache.
+
+    Args:
+        query: [batch, length, heads, head_dim].
+        key: [batch, length, kv_heads, head_dim]; `heads` is a multiple of `kv_heads`.
+        value: Like `key`.
+        allowed: [batch, length, keys] from `attention_inputs`.
+        cache: `(keys, values, index)` of this layer; the new keys and values are written from
+            slot `index` on and the queries attend over every slot.
+        scale: Multiplies the scores `q · k`.
+        float32_scores: Compute `q · k` in float32 whatever the dtype (GPT-2's
+            `reorder_and_upcast_attn`).
+
+    Returns:
+        The attended values [batch, length, heads * head_dim] and, with a cache, this layer's
+        updated `(keys, values)`.
+    """
+    batch, length, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    new_cache = None
+    if cache is not None:
+        cached_keys, cached_values, index = cache
+        start = (0, index, 0, 0)
+        key = jax.lax.dynamic_update_slice(cached_keys, key.astype(cached_keys.dtype), start)
+        value = jax.lax.dynamic_update_slice(
+            cached_values, value.astype(cached_values.dtype), start
+        )
+        new_cache = (key, value)
+    # Query heads are grouped by the key/value head they share: no copies of keys/values.
+    grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    score_dtype = jnp.float32 if float32_scores else query.dtype
+    scores = jnp.einsum("btkgd,bskd->bkgts", grouped.astype(score_dtype), key.astype(score_dtype))
+    scores = scores * scale
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(scores.dtype).min)
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(query.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, value.astype(query.dtype))
+    return out.reshape(batch, length, heads * head_dim), new_cache
+
+
+def run_layers(
+    layers: Sequence[nnx.Module],
+    hidden: jax.Array,
+    layer_args: tuple[Any, ...],
+    *,
+    inputs: AttentionInputs,
+    cache: KVCache | None,
+    remat: bool,
+) -> tuple[jax.Array, KVCache | None]:
+    """Runs decoder layers called as `layer(hidden, *layer_args, layer_cache)`.
+
+    Each layer returns `(hidden, (keys, values) or None)`; with `remat`, each is rematerialised
+    in the backward pass (`nnx.remat`).
+
+    Returns:
+        The last hidden states and, with `cache`, the cache holding the new tokens too.
+    """
+    new_keys, new_values = [], []
+    for i, layer in enumerate(layers):
+        layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
+        call = nnx.remat(type(layer).__call__) if remat else type(layer).__call__
+        hidden, layer_kv = call(layer, hidden, *layer_args, layer_cache)
+        if layer_kv is not None:
+            new_keys.append(layer_kv[0])
+            new_values.append(layer_kv[1])
+    if cache is None:
+        return hidden, None
+    length = hidden.shape[1]
+    return hidden, KVCache(
+        tuple(new_keys), tuple(new_values), inputs.key_mask, cache.index + length
+    )
