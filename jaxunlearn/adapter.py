@@ -3,6 +3,11 @@
 An adapter directory (written by `save_lora`) holds the LoRA tree and a JSON description of the
 settings needed to rebuild the model it fits: rank, alpha, targets, and the base checkpoint it
 was trained on. Loading attaches fresh adapters with those settings and fills them.
+
+Targets are projection names of the model's family (`jaxunlearn.models.lora_targets`: Llama's
+`q_proj ... down_proj`, GPT-2's `c_attn c_proj c_fc`, OPT's `q_proj ... fc2`); settings are
+checked against the family when they are attached, since the settings alone do not say which
+family they are for.
 """
 
 import dataclasses
@@ -14,14 +19,22 @@ import jax
 from flax import nnx
 
 from jaxunlearn.checkpoint import load_adapter, read_adapter_metadata, save_adapter
-from jaxunlearn.models import LORA_TARGETS, add_lora, split_lora
+from jaxunlearn.models import LoRALinear, add_lora, lora_targets, split_lora
 
 ADAPTER_FORMAT = "jaxunlearn-lora/1"
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSettings:
-    """How adapters are attached: rank r, alpha (update scaled by alpha / r), targets, dropout."""
+    """How adapters are attached: rank r, alpha (update scaled by alpha / r), targets, dropout.
+
+    Attributes:
+        rank: The adapter rank r.
+        alpha: The LoRA alpha.
+        targets: Projection names, as PEFT names them, among `lora_targets(model)` of the model
+            the adapters are attached to (checked by `attach_lora`).
+        dropout: Dropout rate on the adapters' input.
+    """
 
     rank: int = 8
     alpha: float = 16.0
@@ -29,16 +42,36 @@ class LoraSettings:
     dropout: float = 0.0
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
-        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        if unknown or not self.targets:
+        if isinstance(self.targets, str):
+            # A bare string would be read as its characters.
             raise ValueError(
-                f"LoRA targets must be a non-empty subset of {LORA_TARGETS}, got {self.targets}"
+                f"LoRA targets must be a collection of projection names, got the string "
+                f"{self.targets!r}; write ({self.targets!r},)."
             )
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(
+                f"LoRA targets must be a non-empty collection of projection names, got "
+                f"{self.targets!r}."
+            )
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"LoRA targets repeat a name: {self.targets}.")
 
 
 def attach_lora(model: nnx.Module, settings: LoraSettings, /, *, key: jax.Array) -> nnx.Module:
-    """Adds adapters with `settings` to `model` in place and returns it."""
+    """Adds adapters with `settings` to `model` in place and returns it.
+
+    Raises:
+        ValueError: If a target is not a projection of the model's family (the message lists
+            the family's targets), or the model already holds adapters there.
+    """
+    family_targets = lora_targets(model)
+    unknown = [target for target in settings.targets if target not in family_targets]
+    if unknown:
+        raise ValueError(
+            f"LoRA targets {unknown} are not projections of {type(model).__name__}; choose "
+            f"among {','.join(family_targets)}."
+        )
     return add_lora(
         model,
         rank=settings.rank,
@@ -46,6 +79,65 @@ def attach_lora(model: nnx.Module, settings: LoraSettings, /, *, key: jax.Array)
         targets=settings.targets,
         key=key,
         dropout=settings.dropout,
+    )
+
+
+def lora_settings_of(model: nnx.Module, /) -> LoraSettings:
+    """The `LoraSettings` that describe the adapters a model holds, e.g. ones loaded from PEFT.
+
+    `attach_lora(base, lora_settings_of(model), ...)` then adapts exactly the same projections
+    with the same rank, alpha and dropout, so the adapters can be saved with `save_lora`.
+
+    Raises:
+        ValueError: If the model has no adapters, or adapters one `LoraSettings` cannot
+            describe: ranks, alphas or dropout rates that differ between projections,
+            rank-stabilised scaling, or a target adapted in some layers only.
+    """
+    adapted: dict[str, LoRALinear] = {}
+    others: set[str] = set()
+    for path, module in nnx.iter_modules(model):
+        if not path:
+            continue
+        name = ".".join(str(part) for part in path)
+        if isinstance(module, LoRALinear):
+            adapted[name] = module
+        else:
+            others.add(name)
+    if not adapted:
+        raise ValueError("The model holds no LoRA adapters.")
+    family_targets = lora_targets(model)
+    targets = {name.rsplit(".", 1)[-1] for name in adapted}
+    partial = sorted(name for name in others if name.rsplit(".", 1)[-1] in targets)
+
+    ranks = {module.rank for module in adapted.values()}
+    alphas = {float(module.alpha) for module in adapted.values()}
+    dropouts = {
+        0.0 if module.dropout is None else float(module.dropout.rate) for module in adapted.values()
+    }
+    problems = []
+    if len(ranks) > 1:
+        problems.append(f"ranks {sorted(ranks)}")
+    if len(alphas) > 1:
+        problems.append(f"alphas {sorted(alphas)}")
+    if len(dropouts) > 1:
+        problems.append(f"dropout rates {sorted(dropouts)}")
+    if any(module.use_rslora for module in adapted.values()):
+        problems.append("rank-stabilised scaling (use_rslora)")
+    if partial:
+        shown = ", ".join(partial[:3]) + (
+            f" and {len(partial) - 3} more" if len(partial) > 3 else ""
+        )
+        problems.append(f"unadapted projections of an adapted target ({shown})")
+    if problems:
+        raise ValueError(
+            "The model's adapters cannot be described by one rank, alpha, dropout and target "
+            f"list: {'; '.join(problems)}."
+        )
+    return LoraSettings(
+        rank=ranks.pop(),
+        alpha=alphas.pop(),
+        targets=tuple(target for target in family_targets if target in targets),
+        dropout=dropouts.pop(),
     )
 
 

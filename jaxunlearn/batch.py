@@ -35,8 +35,10 @@ class Batch(NamedTuple):
 
 
 def token_log_probs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
-    """log p(token t | tokens < t) for t = 1..T−1, as float32 [B, T−1]."""
-    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    """log p(token t | tokens < t) for t = 1..T−1, [B, T−1] in float32 (float64 logits keep
+    float64, so that float64 checks of the objective are not limited by float32 rounding)."""
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(dtype), axis=-1)
     return jnp.take_along_axis(log_probs, input_ids[:, 1:, None], axis=-1)[..., 0]
 
 

@@ -81,6 +81,9 @@ class TrainConfig:
         checkpoint_every: Steps between checkpoints (a checkpoint is also written at the end).
         keep_checkpoints: How many of the newest checkpoints to keep.
         seed: Seeds the data order and dropout.
+        group_by_length: Make each step read examples of similar length (sorted within
+            windows of 16 steps of the epoch's permutation, then the steps shuffled), so that
+            batches pad to shorter buckets. The order still depends only on the seed.
     """
 
     learning_rate: float = 2e-4
@@ -94,6 +97,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     seed: int = 0
+    group_by_length: bool = False
 
     def __post_init__(self):
         for name in ("learning_rate", "max_grad_norm"):
@@ -253,7 +257,13 @@ def finetune(
             checkpointer.close()
             raise
 
-    order = _DataOrder(num_examples, config)
+    lengths = getattr(train_data, "lengths", None)
+    if config.group_by_length and lengths is None:
+        raise ValueError(
+            "TrainConfig.group_by_length needs train_data with per-example `lengths` "
+            "(a TokenizedDataset has them)."
+        )
+    order = _DataOrder(num_examples, config, None if lengths is None else np.asarray(lengths))
     bar = tqdm(
         total=config.num_steps, initial=step, disable=not progress, desc="finetune", unit="step"
     )
@@ -450,10 +460,11 @@ class _DataOrder:
     permutation `default_rng((seed, e)).permutation(n)` in slices of `examples_per_step`.
     """
 
-    def __init__(self, num_examples: int, config: TrainConfig):
+    def __init__(self, num_examples: int, config: TrainConfig, lengths: np.ndarray | None):
         self._num_examples = num_examples
         self._per_step = config.examples_per_step
         self._seed = config.seed
+        self._lengths = lengths if config.group_by_length else None
         self.steps_per_epoch = math.ceil(num_examples / self._per_step)
         self._epoch, self._permutation = -1, np.empty(0, np.int64)
 
@@ -466,8 +477,39 @@ class _DataOrder:
         position = self.position(step)
         if position["epoch"] != self._epoch:
             rng = np.random.default_rng((self._seed, position["epoch"]))
-            self._epoch, self._permutation = position["epoch"], rng.permutation(self._num_examples)
+            permutation = rng.permutation(self._num_examples)
+            if self._lengths is not None:
+                permutation = _group_by_length(permutation, self._lengths, self._per_step, rng)
+            self._epoch, self._permutation = position["epoch"], permutation
         return self._permutation[position["offset"] : position["offset"] + self._per_step]
+
+
+# How many steps' worth of shuffled examples are sorted by length together: large enough that
+# steps hold examples of similar length, small enough that each epoch stays well shuffled.
+_LENGTH_GROUP_STEPS = 16
+
+
+def _group_by_length(
+    permutation: np.ndarray, lengths: np.ndarray, per_step: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Rearranges a shuffled epoch so that each step reads examples of similar length.
+
+    Windows of `_LENGTH_GROUP_STEPS` steps are sorted by length, then the full steps are
+    shuffled among themselves (a last, partial step stays last), so padding shrinks while
+    every example is still read once per epoch in an order drawn from the seed.
+    """
+    window = per_step * _LENGTH_GROUP_STEPS
+    grouped = np.concatenate(
+        [
+            chunk[np.argsort(lengths[chunk], kind="stable")]
+            for chunk in np.split(permutation, range(window, len(permutation), window))
+        ]
+    )
+    full_steps = len(grouped) // per_step
+    steps = grouped[: full_steps * per_step].reshape(full_steps, per_step)
+    return np.concatenate(
+        [steps[rng.permutation(full_steps)].reshape(-1), grouped[full_steps * per_step :]]
+    )
 
 
 def _step_batches(data: BatchSource, indices: np.ndarray, config: TrainConfig) -> tuple[Batch, int]:

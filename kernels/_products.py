@@ -49,9 +49,14 @@ def linearize_hvp(f: Callable[..., jax.Array], params: PyTree, *args: Any) -> Ma
     Works inside `jax.jit` and outside it; outside, both the linearization and every product
     run compiled. The linearization is compiled once per `f` (a static argument): pass the same
     function object each time, not a fresh lambda, or every call compiles anew.
+
+    The map is a `jax.tree_util.Partial`, a pytree whose leaves are the saved residuals: pass
+    it as an argument of a jitted solver (rather than closing over it) so that the residuals
+    are inputs of the compiled loop, not constants baked into it, and the compiled solver is
+    reused for every linearization of the same function.
     """
     linear_gradient = _linearize_gradient(f, params, *args)
-    return partial(_apply_linear_map, linear_gradient)
+    return jax.tree_util.Partial(_apply_linear_map, linear_gradient)
 
 
 @partial(jax.jit, static_argnums=0)

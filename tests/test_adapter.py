@@ -7,8 +7,27 @@ import pytest
 from flax import nnx
 from tiny_assets import TINY_CONFIG
 
-from jaxunlearn.adapter import LoraSettings, attach_lora, load_lora, read_lora_settings, save_lora
-from jaxunlearn.models import from_config, split_lora
+from jaxunlearn.adapter import (
+    LoraSettings,
+    attach_lora,
+    load_lora,
+    lora_settings_of,
+    read_lora_settings,
+    save_lora,
+)
+from jaxunlearn.models import (
+    GPT2Config,
+    OPTConfig,
+    add_lora,
+    from_config,
+    load_peft_adapter,
+    lora_targets,
+    save_peft_adapter,
+    split_lora,
+)
+
+TINY_GPT2 = GPT2Config(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2)
+TINY_OPT = OPTConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
 
 
 def perturbed_model(settings):
@@ -47,7 +66,81 @@ def test_adapter_for_another_architecture_is_rejected(tmp_path):
 
 
 def test_bad_settings_and_foreign_folders_are_rejected(tmp_path):
-    with pytest.raises(ValueError, match="non-empty subset"):
-        LoraSettings(targets=("c_attn",))
+    with pytest.raises(ValueError, match="non-empty"):
+        LoraSettings(targets=())
+    with pytest.raises(ValueError, match="repeat"):
+        LoraSettings(targets=("q_proj", "q_proj"))
+    with pytest.raises(ValueError, match="string"):
+        LoraSettings(targets="q_proj")
+    with pytest.raises(ValueError, match="non-empty"):
+        LoraSettings(targets=("q_proj", 3))
     with pytest.raises(FileNotFoundError, match="not an adapter"):
         read_lora_settings(tmp_path)
+
+
+def test_targets_are_checked_against_the_family_when_attaching():
+    settings = LoraSettings(targets=("c_attn",))  # GPT-2's: fine to construct, not for Llama
+    llama = from_config(TINY_CONFIG, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"\['c_attn'\].*LlamaForCausalLM.*q_proj"):
+        attach_lora(llama, settings, key=jax.random.key(1))
+    assert not jax.tree.leaves(nnx.state(llama, nnx.LoRAParam))  # nothing was attached
+
+
+@pytest.mark.parametrize(
+    ("config", "targets"),
+    [(TINY_GPT2, ("c_attn", "c_proj")), (TINY_OPT, ("q_proj", "out_proj", "fc2"))],
+    ids=["gpt2", "opt"],
+)
+def test_gpt2_and_opt_adapters_save_and_reload(tmp_path, config, targets):
+    settings = LoraSettings(rank=2, alpha=4.0, targets=targets)
+    model = attach_lora(from_config(config, key=jax.random.key(0)), settings, key=jax.random.key(1))
+    _, lora, _ = split_lora(model)
+    nnx.update(model, jax.tree.map(lambda leaf: leaf + 0.1, lora))
+    save_lora(model, tmp_path / "adapter", settings=settings)
+    restored, metadata = load_lora(from_config(config, key=jax.random.key(0)), tmp_path / "adapter")
+    ids = jnp.asarray([[1, 5, 9, 20, 17]])
+    np.testing.assert_array_equal(np.asarray(restored(ids)), np.asarray(model(ids)))
+    # The stored description keeps the format other versions read.
+    assert metadata["lora"] == {"rank": 2, "alpha": 4.0, "targets": list(targets), "dropout": 0.0}
+    # Neither family's adapter fits a Llama model: their last target is no Llama projection.
+    llama = from_config(TINY_CONFIG, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=f"{targets[-1]}.*not projections of LlamaForCausalLM"):
+        load_lora(llama, tmp_path / "adapter")
+
+
+def test_settings_of_a_peft_adapter_rebuild_the_same_adapters(tmp_path):
+    targets = lora_targets(TINY_GPT2)
+    source = add_lora(
+        from_config(TINY_GPT2, key=jax.random.key(0)),
+        rank=3,
+        alpha=5,
+        targets=targets,
+        key=jax.random.key(2),
+        dropout=0.1,
+    )
+    save_peft_adapter(source, tmp_path / "peft")
+    loaded = load_peft_adapter(from_config(TINY_GPT2, key=jax.random.key(0)), tmp_path / "peft")
+    settings = lora_settings_of(loaded)
+    assert settings == LoraSettings(rank=3, alpha=5.0, targets=targets, dropout=0.1)
+    save_lora(loaded, tmp_path / "ours", settings=settings)
+    restored, _ = load_lora(from_config(TINY_GPT2, key=jax.random.key(0)), tmp_path / "ours")
+    for original, copy in zip(
+        jax.tree.leaves(split_lora(loaded)[1]),
+        jax.tree.leaves(split_lora(restored)[1]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(original), np.asarray(copy))
+
+
+def test_settings_of_adapters_no_single_setting_describes_are_refused():
+    model = from_config(TINY_CONFIG, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        lora_settings_of(model)
+    add_lora(model, rank=2, alpha=2.0, targets=("q_proj",), key=jax.random.key(1))
+    # Only the first layer's v_proj adapted (what PEFT's layers_to_transform can give).
+    layer = model.model.layers[0]
+    layer.self_attn.v_proj = type(layer.self_attn.q_proj)(
+        layer.self_attn.v_proj, rank=4, alpha=2.0, dropout=0.0, key=jax.random.key(2)
+    )
+    with pytest.raises(ValueError, match=r"ranks \[2, 4\].*unadapted projections.*v_proj"):
+        lora_settings_of(model)

@@ -1,16 +1,29 @@
 """The `jaxunlearn` command end to end on a tiny checkpoint."""
 
 import json
+import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_assets import make_tiny_checkpoint
+from flax import nnx
+from tiny_assets import TINY_CONFIG, make_tiny_checkpoint
 
-from jaxunlearn.adapter import load_lora
+from jaxunlearn.adapter import LoraSettings, load_lora, read_lora_settings
 from jaxunlearn.cli import main
 from jaxunlearn.data import load_examples
-from jaxunlearn.models import load
+from jaxunlearn.models import (
+    GPT2Config,
+    add_lora,
+    from_config,
+    load,
+    load_peft_adapter,
+    lora_targets,
+    save,
+    save_peft_adapter,
+    split_lora,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -74,3 +87,85 @@ def test_finetune_reports_bad_input_in_one_line(corpus_and_model, tmp_path, caps
     assert "c_attn" in capsys.readouterr().err
     assert main([*base, "--data", str(data), "--max-length", "8"]) == 2
     assert "tokens" in capsys.readouterr().err
+
+
+def test_finetune_continues_a_peft_adapter_and_saves_it_in_our_format(
+    corpus_and_model, tmp_path, capsys
+):
+    root, model_dir = corpus_and_model
+    model = add_lora(
+        load(model_dir), rank=2, alpha=4, targets=("k_proj", "up_proj"), key=jax.random.key(1)
+    )
+    lora = split_lora(model)[1]
+    # B = 0.5 everywhere: a fresh adapter's B starts at 0, and two small steps cannot reach 0.5.
+    nnx.update(model, jax.tree.map(lambda leaf: jnp.full_like(leaf, 0.5), lora))
+    save_peft_adapter(model, tmp_path / "peft")
+    arguments = [
+        "finetune",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(root / "corpus" / "train.jsonl"),
+    ]
+    arguments += ["--out", str(tmp_path / "run"), "--peft-adapter", str(tmp_path / "peft")]
+    arguments += ["--steps", "2", "--batch-size", "4", "--learning-rate", "1e-2", "--no-progress"]
+    assert main([*arguments, "--rank", "4"]) == 2
+    assert "--peft-adapter brings its own" in capsys.readouterr().err
+    assert main(arguments) == 0
+    settings, metadata = read_lora_settings(tmp_path / "run" / "adapter")
+    assert settings == LoraSettings(rank=2, alpha=4.0, targets=("k_proj", "up_proj"))
+    assert metadata["initial_peft_adapter"] == str(tmp_path / "peft")
+    assert metadata["tokenization"] == {
+        "max_length": TINY_CONFIG.max_position_embeddings,
+        "truncate": False,
+    }
+    tuned, _ = load_lora(load(model_dir), tmp_path / "run" / "adapter")
+    tuned_b = [
+        leaf for path, leaf in nnx.to_flat_state(split_lora(tuned)[1]) if path[-1] == "lora_b"
+    ]
+    assert len(tuned_b) == 2 * TINY_CONFIG.num_layers
+    for leaf in tuned_b:
+        assert np.allclose(np.asarray(leaf[...]), 0.5, atol=0.1)
+        assert not np.allclose(np.asarray(leaf[...]), 0.5, atol=1e-6)  # and it was trained
+
+
+def test_finetune_targets_all_of_a_gpt2_model_and_saves_peft(corpus_and_model, tmp_path):
+    root, llama_dir = corpus_and_model
+    gpt2_dir = tmp_path / "gpt2"
+    config = GPT2Config(
+        vocab_size=TINY_CONFIG.vocab_size,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        max_position_embeddings=192,
+        bos_token_id=1,
+        eos_token_id=(2,),
+        pad_token_id=0,
+    )
+    save(from_config(config, key=jax.random.key(0)), gpt2_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama_dir / name, gpt2_dir / name)
+    arguments = [
+        "finetune",
+        "--model",
+        str(gpt2_dir),
+        "--data",
+        str(root / "corpus" / "train.jsonl"),
+    ]
+    arguments += ["--out", str(tmp_path / "run"), "--targets", "all", "--rank", "2"]
+    arguments += ["--steps", "2", "--batch-size", "4", "--save-format", "peft", "--no-progress"]
+    assert main(arguments) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert sorted(path.name for path in adapter.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    peft_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(peft_config["target_modules"]) == sorted(lora_targets(config))
+    assert peft_config["r"] == 2
+    assert peft_config["base_model_name_or_path"] == str(gpt2_dir)
+    tuned = load_peft_adapter(load(gpt2_dir), adapter)
+    ids = jnp.asarray([[1, 40, 41, 42, 43]])
+    assert not np.allclose(np.asarray(tuned(ids)), np.asarray(load(gpt2_dir)(ids)))
+    summary = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert summary["adapter_format"] == "peft"

@@ -16,8 +16,13 @@ def test_readme_has_an_install_and_run_command_and_a_test_command():
     commands = readme_commands()
     assert len(commands) == 2, commands
     install_and_run, install_and_test = commands
-    script = install_and_run.split("&& python ", 1)[1].split()[0]
-    assert (ROOT / script).is_file(), script
+    assert install_and_run == "pip install -e . && jaxunlearn demo"
+    # The command is the installed console script, and `demo` one of its subcommands.
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'jaxunlearn = "jaxunlearn.cli:main"' in pyproject
+    from jaxunlearn.cli import _parser
+
+    assert _parser().parse_args(["demo"]).command == "demo"
     assert install_and_test == "pip install -e '.[test]' && pytest"
 
 

@@ -1,15 +1,19 @@
 """`ModelConfig`: the architecture of a Llama-family causal LM, read from a Hugging Face config.
 
-Also the helpers every family's config uses to read a Hugging Face config strictly.
+Also the helpers every family's config uses to read a Hugging Face config strictly, and
+`LearnedPositionsConfig`, what the GPT-2 and OPT configs have in common.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, ClassVar
+from collections.abc import Iterable, Mapping, Set
+from typing import Any, ClassVar, Self
 
 import transformers
+
+from jaxunlearn.models._layers import ACTIVATIONS
 
 # Model types whose modeling code is the Llama computation (Mistral without sliding windows is).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -132,19 +136,19 @@ class ModelConfig:
     context_limit: ClassVar[int | None] = None
 
     def __post_init__(self):
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "max_position_embeddings",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
+        require_positive_ints(
+            self,
+            (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_layers",
+                "num_heads",
+                "num_kv_heads",
+                "head_dim",
+                "max_position_embeddings",
+            ),
+        )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -294,6 +298,111 @@ class ModelConfig:
         return transformers.AutoConfig.for_model(self.model_type, **kwargs)
 
 
+class LearnedPositionsConfig:
+    """What the GPT-2 and OPT configs share: multi-head attention over a learned position table,
+    and fields that map one to one onto those of transformers' config.
+
+    A subclass is a frozen dataclass with (at least) the fields `vocab_size`, `hidden_size`,
+    `num_heads`, `max_position_embeddings`, `activation` and `eos_token_id`; it calls
+    `_validate` from `__post_init__` and sets the class variables below.
+    """
+
+    # The Hugging Face `model_type`.
+    model_type: ClassVar[str]
+    # transformers' config class, and its name of each of our fields (keys: theirs).
+    _hf_class: ClassVar[type[transformers.PretrainedConfig]]
+    _hf_names: ClassVar[Mapping[str, str]]
+    # transformers fields of this family that do not change the LM's evaluation-mode forward
+    # computation, beyond `IGNORED_FIELDS`.
+    _hf_ignored: ClassVar[Set[str]]
+
+    def _validate(self, positive: Iterable[str]) -> None:
+        """Checks the fields named in `positive`, the head split and the activation, and makes
+        `eos_token_id` a tuple."""
+        name = type(self).__name__
+        require_positive_ints(self, positive)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"{name}.hidden_size ({self.hidden_size}) must be a multiple of num_heads "
+                f"({self.num_heads})."
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"{name}.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}."
+            )
+        if isinstance(self.eos_token_id, list | int):
+            object.__setattr__(self, "eos_token_id", eos_tuple(self.eos_token_id))
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """One key/value head per query head."""
+        return self.num_heads
+
+    @property
+    def context_limit(self) -> int:
+        """The longest sequence (cache included) the learned positions cover."""
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, /) -> Self:
+        """Reads `config.json` of a local checkpoint directory (see `from_hf`).
+
+        Raises:
+            FileNotFoundError: If `path/config.json` does not exist (nothing is downloaded).
+            UnsupportedConfigError: If the config asks for something this model does not compute.
+        """
+        return cls.from_hf(read_hf_config(path))
+
+    @classmethod
+    def _values_from_hf(
+        cls,
+        hf_config: transformers.PretrainedConfig,
+        /,
+        *,
+        family: str,
+        required: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Our field values in a transformers config of this family, which is read strictly.
+
+        Args:
+            hf_config: The transformers config.
+            family: The family's name for messages.
+            required: transformers fields with no counterpart here, and the only value each may
+                have when present.
+
+        Raises:
+            UnsupportedConfigError: Naming the first field whose value this model cannot honour.
+        """
+        fields = hf_config.to_dict()
+        if fields.get("model_type") != cls.model_type:
+            raise UnsupportedConfigError(
+                f"config field 'model_type' is {fields.get('model_type')!r}; "
+                f"expected {cls.model_type!r}."
+            )
+        check_fields(fields, {*cls._hf_names, *cls._hf_ignored, *required}, family=family)
+        for name, expected in required.items():
+            require(fields, name, expected)
+        if "activation_function" in fields and fields["activation_function"] not in ACTIVATIONS:
+            raise UnsupportedConfigError(
+                f"config field 'activation_function' is {fields['activation_function']!r}; "
+                f"supported: {sorted(ACTIVATIONS)}."
+            )
+        values = {ours: fields[hf] for hf, ours in cls._hf_names.items() if hf in fields}
+        values["eos_token_id"] = eos_tuple(values.get("eos_token_id"))
+        return values
+
+    def to_hf(self) -> transformers.PretrainedConfig:
+        """Returns the equivalent transformers config (of class `_hf_class`)."""
+        values = {hf: getattr(self, ours) for hf, ours in self._hf_names.items()}
+        values["eos_token_id"] = eos_field(self.eos_token_id)
+        return self._hf_class(**values)
+
+
 def read_hf_config(path: str | os.PathLike, /) -> transformers.PretrainedConfig:
     """Reads `config.json` of a local checkpoint directory with transformers' config classes.
 
@@ -318,6 +427,20 @@ def check_fields(fields: dict[str, Any], used: set[str], *, family: str) -> None
             f"config field {unknown[0]!r} is not supported by the jaxunlearn {family} "
             f"(all unknown fields: {unknown})."
         )
+
+
+def require_positive_ints(config: Any, names: Iterable[str]) -> None:
+    """Rejects a config whose field in `names` is not a positive integer.
+
+    Raises:
+        ValueError: Naming the first such field.
+    """
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(
+                f"{type(config).__name__}.{name} must be a positive integer, got {value!r}."
+            )
 
 
 def require(fields: dict[str, Any], name: str, expected: Any) -> None:

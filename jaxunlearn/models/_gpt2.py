@@ -9,31 +9,23 @@ the [in, out] layout of our kernels: they are read without a transpose (only an 
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import transformers
 from flax import nnx
 
-from jaxunlearn.models._config import (
-    UnsupportedConfigError,
-    check_fields,
-    eos_field,
-    eos_tuple,
-    read_hf_config,
-    require,
-)
+from jaxunlearn.models._config import LearnedPositionsConfig
 from jaxunlearn.models._layers import (
     ACTIVATIONS,
-    KVCache,
+    CausalLMBase,
     LayerNorm,
     Linear,
     attend,
-    attention_inputs,
     embedding,
     run_layers,
+    untied_lm_head,
 )
 
 # The projections LoRA can adapt, named as PEFT names them. `c_proj` is both the attention
@@ -76,7 +68,7 @@ _HF_NAMES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(LearnedPositionsConfig):
     """The architecture of a GPT-2 causal language model.
 
     Build one with `GPT2Config.from_pretrained(directory)` or `GPT2Config.from_hf(hf_config)`;
@@ -126,58 +118,23 @@ class GPT2Config:
     pad_token_id: int | None = None
 
     model_type: ClassVar[str] = "gpt2"
+    _hf_class: ClassVar = transformers.GPT2Config
+    _hf_names: ClassVar = _HF_NAMES
+    _hf_ignored: ClassVar = _IGNORED_FIELDS
 
     def __post_init__(self):
         if self.intermediate_size is None and isinstance(self.hidden_size, int):
             object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}.")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"GPT2Config.hidden_size ({self.hidden_size}) must be a multiple of num_heads "
-                f"({self.num_heads})."
+        self._validate(
+            (
+                "vocab_size",
+                "hidden_size",
+                "num_layers",
+                "num_heads",
+                "intermediate_size",
+                "max_position_embeddings",
             )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"GPT2Config.activation must be one of {sorted(ACTIVATIONS)}, "
-                f"got {self.activation!r}."
-            )
-        if isinstance(self.eos_token_id, list | int):
-            object.__setattr__(self, "eos_token_id", eos_tuple(self.eos_token_id))
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.hidden_size // self.num_heads
-
-    @property
-    def num_kv_heads(self) -> int:
-        """GPT-2 has one key/value head per query head."""
-        return self.num_heads
-
-    @property
-    def context_limit(self) -> int:
-        """The longest sequence (cache included) the learned positions cover."""
-        return self.max_position_embeddings
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, /) -> GPT2Config:
-        """Reads `config.json` of a local checkpoint directory (see `from_hf`).
-
-        Raises:
-            FileNotFoundError: If `path/config.json` does not exist (nothing is downloaded).
-            UnsupportedConfigError: If the config asks for something this model does not compute.
-        """
-        return cls.from_hf(read_hf_config(path))
+        )
 
     @classmethod
     def from_hf(cls, hf_config: transformers.PretrainedConfig, /) -> GPT2Config:
@@ -189,30 +146,11 @@ class GPT2Config:
         Raises:
             UnsupportedConfigError: Naming the first field whose value this model cannot honour.
         """
-        fields = hf_config.to_dict()
-        if fields.get("model_type") != cls.model_type:
-            raise UnsupportedConfigError(
-                f"config field 'model_type' is {fields.get('model_type')!r}; expected 'gpt2'."
-            )
-        check_fields(fields, {*_HF_NAMES, *_IGNORED_FIELDS, "add_cross_attention"}, family="GPT-2")
-        require(fields, "add_cross_attention", False)
-        if fields.get("activation_function", "gelu_new") not in ACTIVATIONS:
-            raise UnsupportedConfigError(
-                f"config field 'activation_function' is {fields['activation_function']!r}; "
-                f"supported: {sorted(ACTIVATIONS)}."
-            )
-        values: dict[str, Any] = {
-            ours: fields[hf] for hf, ours in _HF_NAMES.items() if hf in fields
-        }
-        values["eos_token_id"] = eos_tuple(values.get("eos_token_id"))
+        values = cls._values_from_hf(
+            hf_config, family="GPT-2", required={"add_cross_attention": False}
+        )
         values["layer_norm_eps"] = float(values.get("layer_norm_eps", 1e-5))
         return cls(**values)
-
-    def to_hf(self) -> transformers.GPT2Config:
-        """Returns the equivalent transformers config."""
-        values = {hf: getattr(self, ours) for hf, ours in _HF_NAMES.items()}
-        values["eos_token_id"] = eos_field(self.eos_token_id)
-        return transformers.GPT2Config(**values)
 
 
 class GPT2Attention(nnx.Module):
@@ -293,7 +231,7 @@ class GPT2Model(nnx.Module):
         self.remat = remat
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(CausalLMBase):
     """A GPT-2 causal LM.
 
     Called like `LlamaForCausalLM`: `model(input_ids, attention_mask)` gives logits [batch,
@@ -326,41 +264,15 @@ class GPT2LMHeadModel(nnx.Module):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.transformer = GPT2Model(config, dtype=self.dtype, remat=remat, rngs=rngs)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else Linear(
-                config.hidden_size,
-                config.vocab_size,
-                use_bias=False,
-                logical_axes=("embed", "vocab"),
-                dtype=self.dtype,
-                rngs=rngs,
-            )
+        self.lm_head = untied_lm_head(
+            config, config.hidden_size, input_axis="embed", dtype=self.dtype, rngs=rngs
         )
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        *,
-        positions: jax.Array | None = None,
-        cache: KVCache | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Computes next-token logits (see `LlamaForCausalLM.__call__` for the arguments).
+    def _token_table(self) -> jax.Array:
+        return self.transformer.wte[...]
 
-        Raises:
-            ValueError: On inconsistent shapes, or more tokens (cache slots included) than
-                `config.max_position_embeddings`.
-        """
-        inputs = attention_inputs(
-            input_ids, attention_mask, cache, context_limit=self.config.context_limit
-        )
-        if positions is None:
-            positions = inputs.positions
+    def _decode(self, hidden, positions, inputs, cache):
         transformer = self.transformer
-        token_table = transformer.wte[...]
-        hidden = jnp.take(token_table, input_ids, axis=0)
         hidden = hidden + jnp.take(transformer.wpe[...], positions, axis=0)
         hidden, new_cache = run_layers(
             transformer.h,
@@ -370,6 +282,4 @@ class GPT2LMHeadModel(nnx.Module):
             cache=cache,
             remat=transformer.remat,
         )
-        hidden = transformer.ln_f(hidden)
-        logits = hidden @ token_table.T if self.lm_head is None else self.lm_head(hidden)
-        return logits if cache is None else (logits, new_cache)
+        return transformer.ln_f(hidden), new_cache

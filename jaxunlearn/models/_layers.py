@@ -1,4 +1,5 @@
-"""Building blocks every model family shares: projections, LayerNorm, masked cached attention.
+"""Building blocks every model family shares: projections, LayerNorm, masked cached attention,
+and the forward pass of a causal LM around a family's decoder.
 
 The decoder families differ in their layers (norms, MLPs, position encodings) but not in how a
 batch with padding and a key-value cache is attended over; that logic lives here once.
@@ -228,8 +229,12 @@ def attend(
     score_dtype = jnp.float32 if float32_scores else query.dtype
     scores = jnp.einsum("btkgd,bskd->bkgts", grouped.astype(score_dtype), key.astype(score_dtype))
     scores = scores * scale
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(scores.dtype).min)
-    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(query.dtype)
+    # Masked after the cast to float32: float64's minimum would become −inf there, and a row
+    # with no allowed key (a padding row) would then turn into NaN instead of uniform weights.
+    scores = jnp.where(
+        allowed[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min
+    )
+    weights = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", weights, value.astype(query.dtype))
     return out.reshape(batch, length, heads * head_dim), new_cache
 
@@ -265,3 +270,92 @@ def run_layers(
     return hidden, KVCache(
         tuple(new_keys), tuple(new_values), inputs.key_mask, cache.index + length
     )
+
+
+def untied_lm_head(
+    config: Any, in_features: int, *, input_axis: str, dtype: jnp.dtype, rngs: nnx.Rngs
+) -> Linear | None:
+    """The output projection [in_features, vocab] without bias, or `None` when `config` ties it
+    to the token embeddings (`config.tie_word_embeddings`).
+
+    Args:
+        config: The architecture (reads `tie_word_embeddings` and `vocab_size`).
+        in_features: Width of the hidden states the head reads.
+        input_axis: Logical axis name of that width.
+        dtype: Parameter dtype.
+        rngs: Random streams; `rngs.params` initialises the kernel.
+    """
+    if config.tie_word_embeddings:
+        return None
+    return Linear(
+        in_features,
+        config.vocab_size,
+        use_bias=False,
+        logical_axes=(input_axis, "vocab"),
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
+class CausalLMBase(nnx.Module):
+    """The forward pass every family's causal LM shares: padding and cache bookkeeping, token
+    embeddings and the output head around the family's decoder.
+
+    A subclass sets `config`, `dtype` and `lm_head` (see `untied_lm_head`) and implements
+    `_token_table` and `_decode`.
+    """
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Computes next-token logits.
+
+        Args:
+            input_ids: [batch, length] integer token ids.
+            attention_mask: [batch, length], 1 for real tokens and 0 for padding (left or right).
+                `None` means no padding.
+            positions: [batch, length] positions, counted from 0; by default the count of real
+                tokens before each token (including those already in `cache`).
+            cache: Keys and values of earlier tokens. The new tokens are written from slot
+                `cache.index` on and attend to every real earlier token.
+
+        Returns:
+            Logits [batch, length, vocab] in the model dtype; with `cache`, also the updated cache.
+
+        Raises:
+            ValueError: On inconsistent shapes or, for a family with learned positions (GPT-2,
+                OPT), more tokens (cache slots included) than `config.max_position_embeddings`.
+        """
+        inputs = attention_inputs(
+            input_ids, attention_mask, cache, context_limit=self.config.context_limit
+        )
+        if positions is None:
+            positions = inputs.positions
+        token_table = self._token_table()
+        hidden = jnp.take(token_table, input_ids, axis=0)
+        hidden, new_cache = self._decode(hidden, positions, inputs, cache)
+        logits = hidden @ token_table.T if self.lm_head is None else self.lm_head(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def _token_table(self) -> jax.Array:
+        """The token embedding table [vocab, width], also the tied output projection."""
+        raise NotImplementedError
+
+    def _decode(
+        self,
+        hidden: jax.Array,
+        positions: jax.Array,
+        inputs: AttentionInputs,
+        cache: KVCache | None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Maps the token embeddings to the hidden states the output head reads.
+
+        Returns:
+            Those hidden states and, with `cache`, the cache holding the new tokens too.
+        """
+        raise NotImplementedError

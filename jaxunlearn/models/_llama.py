@@ -14,12 +14,12 @@ from flax import nnx
 
 from jaxunlearn.models._config import ModelConfig
 from jaxunlearn.models._layers import (
-    KVCache,
+    CausalLMBase,
     Linear,
     attend,
-    attention_inputs,
     embedding,
     run_layers,
+    untied_lm_head,
 )
 from jaxunlearn.models._rope import apply_rotary, rotary_cos_sin
 
@@ -119,7 +119,7 @@ class LlamaModel(nnx.Module):
         self.remat = remat
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(CausalLMBase):
     """A Llama-family causal LM (Llama 2/3, Mistral-style grouped-query attention).
 
     Call it as `model(input_ids, attention_mask)` for logits of shape [batch, length, vocab].
@@ -154,46 +154,14 @@ class LlamaForCausalLM(nnx.Module):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.model = LlamaModel(config, dtype=self.dtype, remat=remat, rngs=rngs)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else Linear(
-                config.hidden_size,
-                config.vocab_size,
-                use_bias=False,
-                logical_axes=("embed", "vocab"),
-                dtype=self.dtype,
-                rngs=rngs,
-            )
+        self.lm_head = untied_lm_head(
+            config, config.hidden_size, input_axis="embed", dtype=self.dtype, rngs=rngs
         )
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        *,
-        positions: jax.Array | None = None,
-        cache: KVCache | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Computes next-token logits.
+    def _token_table(self) -> jax.Array:
+        return self.model.embed_tokens[...]
 
-        Args:
-            input_ids: [batch, length] integer token ids.
-            attention_mask: [batch, length], 1 for real tokens and 0 for padding (left or right).
-                `None` means no padding.
-            positions: [batch, length] rotary positions; by default the count of real tokens
-                before each token (including those already in `cache`).
-            cache: Keys and values of earlier tokens. The new tokens are written from slot
-                `cache.index` on and attend to every real earlier token.
-
-        Returns:
-            Logits [batch, length, vocab] in the model dtype; with `cache`, also the updated cache.
-        """
-        inputs = attention_inputs(input_ids, attention_mask, cache)
-        if positions is None:
-            positions = inputs.positions
-        embedding_table = self.model.embed_tokens[...]
-        hidden = jnp.take(embedding_table, input_ids, axis=0)
+    def _decode(self, hidden, positions, inputs, cache):
         cos, sin = rotary_cos_sin(positions, self.config, self.dtype)
         hidden, new_cache = run_layers(
             self.model.layers,
@@ -203,6 +171,4 @@ class LlamaForCausalLM(nnx.Module):
             cache=cache,
             remat=self.model.remat,
         )
-        hidden = self.model.norm(hidden)
-        logits = hidden @ embedding_table.T if self.lm_head is None else self.lm_head(hidden)
-        return logits if cache is None else (logits, new_cache)
+        return self.model.norm(hidden), new_cache

@@ -7,31 +7,23 @@ parameter's path is its checkpoint name; linear kernels are the transpose of PyT
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import transformers
 from flax import nnx
 
-from jaxunlearn.models._config import (
-    UnsupportedConfigError,
-    check_fields,
-    eos_field,
-    eos_tuple,
-    read_hf_config,
-    require,
-)
+from jaxunlearn.models._config import LearnedPositionsConfig
 from jaxunlearn.models._layers import (
     ACTIVATIONS,
-    KVCache,
+    CausalLMBase,
     LayerNorm,
     Linear,
     attend,
-    attention_inputs,
     embedding,
     run_layers,
+    untied_lm_head,
 )
 
 # The projections LoRA can adapt, named as PEFT names them.
@@ -71,7 +63,7 @@ _IGNORED_FIELDS = {"init_std", "activation_dropout", "prefix"}
 
 
 @dataclasses.dataclass(frozen=True)
-class OPTConfig:
+class OPTConfig(LearnedPositionsConfig):
     """The architecture of an OPT causal language model.
 
     Build one with `OPTConfig.from_pretrained(directory)` or `OPTConfig.from_hf(hf_config)`; it
@@ -124,64 +116,29 @@ class OPTConfig:
     pad_token_id: int | None = None
 
     model_type: ClassVar[str] = "opt"
+    _hf_class: ClassVar = transformers.OPTConfig
+    _hf_names: ClassVar = _HF_NAMES
+    _hf_ignored: ClassVar = _IGNORED_FIELDS
 
     def __post_init__(self):
         if self.word_embed_proj_dim is None:
             object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "max_position_embeddings",
-            "word_embed_proj_dim",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"OPTConfig.{name} must be a positive integer, got {value!r}.")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"OPTConfig.hidden_size ({self.hidden_size}) must be a multiple of num_heads "
-                f"({self.num_heads})."
+        self._validate(
+            (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_layers",
+                "num_heads",
+                "max_position_embeddings",
+                "word_embed_proj_dim",
             )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"OPTConfig.activation must be one of {sorted(ACTIVATIONS)}, "
-                f"got {self.activation!r}."
-            )
-        if isinstance(self.eos_token_id, list | int):
-            object.__setattr__(self, "eos_token_id", eos_tuple(self.eos_token_id))
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.hidden_size // self.num_heads
-
-    @property
-    def num_kv_heads(self) -> int:
-        """OPT has one key/value head per query head."""
-        return self.num_heads
-
-    @property
-    def context_limit(self) -> int:
-        """The longest sequence (cache included) the learned positions cover."""
-        return self.max_position_embeddings
+        )
 
     @property
     def has_final_layer_norm(self) -> bool:
         """Whether the decoder ends with `final_layer_norm`."""
         return self.do_layer_norm_before and not self.remove_final_layer_norm
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, /) -> OPTConfig:
-        """Reads `config.json` of a local checkpoint directory (see `from_hf`).
-
-        Raises:
-            FileNotFoundError: If `path/config.json` does not exist (nothing is downloaded).
-            UnsupportedConfigError: If the config asks for something this model does not compute.
-        """
-        return cls.from_hf(read_hf_config(path))
 
     @classmethod
     def from_hf(cls, hf_config: transformers.PretrainedConfig, /) -> OPTConfig:
@@ -193,30 +150,11 @@ class OPTConfig:
         Raises:
             UnsupportedConfigError: Naming the first field whose value this model cannot honour.
         """
-        fields = hf_config.to_dict()
-        if fields.get("model_type") != cls.model_type:
-            raise UnsupportedConfigError(
-                f"config field 'model_type' is {fields.get('model_type')!r}; expected 'opt'."
+        return cls(
+            **cls._values_from_hf(
+                hf_config, family="OPT", required={"layer_norm_elementwise_affine": True}
             )
-        known = {*_HF_NAMES, *_IGNORED_FIELDS, "layer_norm_elementwise_affine"}
-        check_fields(fields, known, family="OPT")
-        require(fields, "layer_norm_elementwise_affine", True)
-        if fields.get("activation_function", "relu") not in ACTIVATIONS:
-            raise UnsupportedConfigError(
-                f"config field 'activation_function' is {fields['activation_function']!r}; "
-                f"supported: {sorted(ACTIVATIONS)}."
-            )
-        values: dict[str, Any] = {
-            ours: fields[hf] for hf, ours in _HF_NAMES.items() if hf in fields
-        }
-        values["eos_token_id"] = eos_tuple(values.get("eos_token_id"))
-        return cls(**values)
-
-    def to_hf(self) -> transformers.OPTConfig:
-        """Returns the equivalent transformers config."""
-        values = {hf: getattr(self, ours) for hf, ours in _HF_NAMES.items()}
-        values["eos_token_id"] = eos_field(self.eos_token_id)
-        return transformers.OPTConfig(**values)
+        )
 
 
 class OPTAttention(nnx.Module):
@@ -318,7 +256,7 @@ class OPTModel(nnx.Module):
         self.decoder = OPTDecoder(config, dtype=dtype, remat=remat, rngs=rngs)
 
 
-class OPTForCausalLM(nnx.Module):
+class OPTForCausalLM(CausalLMBase):
     """An OPT causal LM.
 
     Called like `LlamaForCausalLM`: `model(input_ids, attention_mask)` gives logits [batch,
@@ -351,43 +289,19 @@ class OPTForCausalLM(nnx.Module):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.model = OPTModel(config, dtype=self.dtype, remat=remat, rngs=rngs)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else Linear(
-                config.word_embed_proj_dim,
-                config.vocab_size,
-                use_bias=False,
-                logical_axes=("word_embed", "vocab"),
-                dtype=self.dtype,
-                rngs=rngs,
-            )
+        self.lm_head = untied_lm_head(
+            config,
+            config.word_embed_proj_dim,
+            input_axis="word_embed",
+            dtype=self.dtype,
+            rngs=rngs,
         )
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        *,
-        positions: jax.Array | None = None,
-        cache: KVCache | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Computes next-token logits (see `LlamaForCausalLM.__call__` for the arguments).
+    def _token_table(self) -> jax.Array:
+        return self.model.decoder.embed_tokens[...]
 
-        `positions` are counted from 0; the offset of OPT's table is added here.
-
-        Raises:
-            ValueError: On inconsistent shapes, or more tokens (cache slots included) than
-                `config.max_position_embeddings`.
-        """
-        inputs = attention_inputs(
-            input_ids, attention_mask, cache, context_limit=self.config.context_limit
-        )
-        if positions is None:
-            positions = inputs.positions
+    def _decode(self, hidden, positions, inputs, cache):
         decoder = self.model.decoder
-        token_table = decoder.embed_tokens[...]
-        hidden = jnp.take(token_table, input_ids, axis=0)
         if decoder.project_in is not None:
             hidden = decoder.project_in(hidden)
         hidden = hidden + jnp.take(decoder.embed_positions[...], positions + POSITION_OFFSET, 0)
@@ -403,5 +317,4 @@ class OPTForCausalLM(nnx.Module):
             hidden = decoder.final_layer_norm(hidden)
         if decoder.project_out is not None:
             hidden = decoder.project_out(hidden)
-        logits = hidden @ token_table.T if self.lm_head is None else self.lm_head(hidden)
-        return logits if cache is None else (logits, new_cache)
+        return hidden, new_cache

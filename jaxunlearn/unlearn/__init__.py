@@ -4,6 +4,10 @@ A request (`Removal`, `QueryEdit`, `ResponseEdit`) names examples by id; `resolv
 checks it against the training set and gives the affected examples, their edited versions, the
 dataset after the request and a fingerprint. The `Ledger` records every applied request by
 hashes only, so that a repeated request is a no-op and a conflicting one an error.
+
+`llmeraser` turns a request into an adapter update with influence functions (its
+request-independent work prepared once by `prepare_llmeraser`), and `retrain` gives the
+reference it is measured against.
 """
 
 from jaxunlearn.unlearn._ledger import (
@@ -12,6 +16,18 @@ from jaxunlearn.unlearn._ledger import (
     LedgerEntry,
     LedgerError,
     file_sha256,
+)
+from jaxunlearn.unlearn._llmeraser import (
+    MODES,
+    SOLVERS,
+    EraserResult,
+    EraserSettings,
+    Preparation,
+    PreparationMismatchError,
+    llmeraser,
+    load_preparation,
+    prepare_llmeraser,
+    save_preparation,
 )
 from jaxunlearn.unlearn._requests import (
     QueryEdit,
@@ -25,12 +41,19 @@ from jaxunlearn.unlearn._requests import (
     id_hash,
     resolve_request,
 )
+from jaxunlearn.unlearn._retrain import retrain, retrain_config
 
 __all__ = [
+    "MODES",
+    "SOLVERS",
     "ConflictingRequestError",
+    "EraserResult",
+    "EraserSettings",
     "Ledger",
     "LedgerEntry",
     "LedgerError",
+    "Preparation",
+    "PreparationMismatchError",
     "QueryEdit",
     "Removal",
     "Request",
@@ -41,5 +64,11 @@ __all__ = [
     "WholeDatasetError",
     "file_sha256",
     "id_hash",
+    "llmeraser",
+    "load_preparation",
+    "prepare_llmeraser",
     "resolve_request",
+    "retrain",
+    "retrain_config",
+    "save_preparation",
 ]

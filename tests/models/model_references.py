@@ -1,6 +1,8 @@
-"""Tiny reference checkpoints made by transformers' PyTorch Llama, and batch helpers."""
+"""Tiny reference checkpoints made by transformers' PyTorch Llama, batch helpers, and checks
+shared by the tests of every family."""
 
 import numpy as np
+from flax import nnx
 
 # Small enough for 2 CPU cores, large enough for grouped heads, several layers and real RoPE.
 TINY = dict(
@@ -78,3 +80,36 @@ def padded_batch(seed=0, length=9):
 def positions_from_mask(mask):
     """What jaxunlearn and transformers' generate use: count of real tokens before each token."""
     return np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+
+
+def left_padded_prompts(seed=7, length=6):
+    """`padded_batch` with every row's padding moved to the left, as transformers' generate
+    expects."""
+    ids, mask = padded_batch(seed=seed, length=length)
+    order = np.argsort(mask, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(mask, order, 1)
+
+
+def reference_generate(reference, ids, mask, *, max_new_tokens, eos_token_id):
+    """The new tokens of transformers' greedy generate (padding with 0 after the end token)."""
+    import torch
+
+    with torch.no_grad():
+        out = reference.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :].numpy()
+
+
+def assert_same_parameters(a, b):
+    """Two models have the same parameter paths, dtypes and values, bit for bit."""
+    flat_a, flat_b = nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
+        assert x[...].dtype == y[...].dtype, path
+        np.testing.assert_array_equal(np.asarray(x[...]), np.asarray(y[...]), err_msg=str(path))

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from flax import nnx
-from model_references import TINY, make_reference
+from model_references import TINY, assert_same_parameters, make_reference
 from safetensors.numpy import load_file, save_file
 
 from jaxunlearn.models import (
@@ -32,14 +31,6 @@ CONFIG = ModelConfig(
     attention_bias=True,
     eos_token_id=(2,),
 )
-
-
-def assert_same_parameters(a, b):
-    flat_a, flat_b = nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))
-    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-    for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
-        assert x[...].dtype == y[...].dtype, path
-        np.testing.assert_array_equal(np.asarray(x[...]), np.asarray(y[...]), err_msg=str(path))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

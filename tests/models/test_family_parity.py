@@ -3,8 +3,6 @@
 Logits with padding, greedy generation, checkpoints both ways, configs, and LoRA gradients.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +17,21 @@ from family_references import (
     make_family_reference,
 )
 from flax import nnx
-from model_references import padded_batch, positions_from_mask
+from lora_references import (
+    ALPHA,
+    RANK,
+    TorchLoRA,
+    assert_gradients_match,
+    lora_loss_and_gradients,
+    torch_loss_and_gradients,
+)
+from model_references import (
+    assert_same_parameters,
+    left_padded_prompts,
+    padded_batch,
+    positions_from_mask,
+    reference_generate,
+)
 
 from jaxunlearn import parallel
 from jaxunlearn.models import (
@@ -31,12 +43,10 @@ from jaxunlearn.models import (
     add_lora,
     from_config,
     generate,
-    join_lora,
     load,
     load_config,
     lora_targets,
     save,
-    split_lora,
 )
 
 NEW_TOKENS = 6
@@ -62,14 +72,6 @@ def reference_logits(name, reference, ids, mask):
         return reference(**inputs).logits.numpy()
 
 
-def assert_same_parameters(a, b):
-    flat_a, flat_b = nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))
-    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-    for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
-        assert x[...].dtype == y[...].dtype, path
-        np.testing.assert_array_equal(np.asarray(x[...]), np.asarray(y[...]), err_msg=str(path))
-
-
 def test_logits_match_transformers_with_left_and_right_padding(family_checkpoint):
     name, directory, reference = family_checkpoint
     model = load(directory)
@@ -92,19 +94,12 @@ def test_logits_match_transformers_with_left_and_right_padding(family_checkpoint
 def test_greedy_generation_matches_transformers(family_checkpoint):
     _, directory, reference = family_checkpoint
     model = load(directory)
-    ids, mask = padded_batch(seed=7, length=6)
     # transformers' generate expects left padding; ours accepts either.
-    order = np.argsort(mask, axis=1, kind="stable")
-    left_ids, left_mask = np.take_along_axis(ids, order, 1), np.take_along_axis(mask, order, 1)
-    with torch.no_grad():
-        expected = reference.generate(
-            input_ids=torch.tensor(left_ids, dtype=torch.long),
-            attention_mask=torch.tensor(left_mask, dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-            eos_token_id=None,
-            pad_token_id=0,
-        )[:, ids.shape[1] :].numpy()
+    left_ids, left_mask = left_padded_prompts()
+    expected = reference_generate(
+        reference, left_ids, left_mask, max_new_tokens=NEW_TOKENS, eos_token_id=None
+    )
+    ids, mask = padded_batch(seed=7, length=6)
     ours = generate(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=())
     assert expected.shape == (3, NEW_TOKENS)
     np.testing.assert_array_equal(np.asarray(ours.tokens), expected)
@@ -205,41 +200,6 @@ def test_every_parameter_has_logical_axes_that_the_sharding_rules_map(name):
     parallel.state_shardings(state, parallel.make_mesh())
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def perturbed(lora, scale):
-    """`lora` plus `scale` times standard normal noise, in one compiled step."""
-    leaves, treedef = jax.tree.flatten(lora)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    noisy = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    return jax.tree.unflatten(treedef, noisy)
-
-
-def next_token_loss(logits, ids, mask, xp):
-    """Mean next-token cross-entropy over pairs of real tokens, for jnp or torch."""
-    if xp is torch:
-        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-        picked = torch.gather(log_probs, -1, ids[:, 1:, None])[..., 0]
-    else:
-        log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        picked = jnp.take_along_axis(log_probs, ids[:, 1:, None], axis=-1)[..., 0]
-    weights = mask[:, :-1] * mask[:, 1:]
-    return -(picked * weights).sum() / weights.sum()
-
-
-class TorchLoRA(torch.nn.Module):
-    """A hand-written PyTorch LoRA around an nn.Linear or Conv1D, with A [in, r] and B [r, out]."""
-
-    def __init__(self, base, lora_a, lora_b, scaling):
-        super().__init__()
-        self.base = base
-        self.lora_a = torch.nn.Parameter(torch.tensor(np.asarray(lora_a)))
-        self.lora_b = torch.nn.Parameter(torch.tensor(np.asarray(lora_b)))
-        self.scaling = scaling
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_a @ self.lora_b) * self.scaling
-
-
 def test_lora_gradient_matches_hand_wrapped_pytorch_lora(tmp_path):
     # GPT-2: Conv1D projections, and `c_proj` adapted in both the attention and the MLP.
     name = "gpt2"
@@ -247,17 +207,8 @@ def test_lora_gradient_matches_hand_wrapped_pytorch_lora(tmp_path):
     reference.requires_grad_(False)
     model = load(tmp_path)
     targets = lora_targets(model)
-    add_lora(model, rank=4, alpha=8.0, targets=targets, key=jax.random.key(1))
-    graphdef, lora, base = split_lora(model)
-    # B starts at zero, where the gradient with respect to A vanishes: perturb B.
-    lora = perturbed(lora, 0.05)
     ids, mask = padded_batch(seed=3)
-
-    def loss(lora):
-        logits = join_lora(graphdef, lora, base)(ids, mask)
-        return next_token_loss(logits, ids, jnp.asarray(mask, jnp.float32), jnp)
-
-    jax_loss, jax_grads = jax.jit(jax.value_and_grad(loss))(lora)
+    lora, jax_loss, jax_grads = lora_loss_and_gradients(model, targets, ids, mask)
 
     flat_lora = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(lora)}
     adapted = {key.rsplit(".", 1)[0] for key in flat_lora}
@@ -270,26 +221,11 @@ def test_lora_gradient_matches_hand_wrapped_pytorch_lora(tmp_path):
             getattr(parent, attribute),
             flat_lora[f"{module_name}.lora_a"],
             flat_lora[f"{module_name}.lora_b"],
-            scaling=8.0 / 4,
+            scaling=ALPHA / RANK,
         )
         setattr(parent, attribute, wrapped)
-    torch_ids = torch.tensor(ids, dtype=torch.long)
-    logits = reference(
-        input_ids=torch_ids,
-        attention_mask=torch.tensor(mask, dtype=torch.long),
-        position_ids=torch.tensor(positions_from_mask(mask), dtype=torch.long),
-    ).logits
-    torch_loss = next_token_loss(logits, torch_ids, torch.tensor(mask, dtype=torch.float32), torch)
-    torch_loss.backward()
-    torch_grads = {n: p.grad.numpy() for n, p in reference.named_parameters() if p.grad is not None}
+    torch_loss, torch_grads = torch_loss_and_gradients(reference, ids, mask)
 
-    assert abs(float(jax_loss) - torch_loss.item()) <= 1e-5
-    assert set(torch_grads) == set(flat_lora)
-    worst = 0.0
-    for path, variable in nnx.to_flat_state(jax_grads):
-        key = ".".join(map(str, path))
-        expected = torch_grads[key]
-        error = np.linalg.norm(np.asarray(variable[...]) - expected) / np.linalg.norm(expected)
-        worst = max(worst, error)
-        assert error <= 1e-4, key
+    assert abs(float(jax_loss) - torch_loss) <= 1e-5
+    worst = assert_gradients_match(jax_grads, torch_grads)
     print(f"\n[{name}] worst LoRA gradient relative error: {worst:.2e}")

@@ -4,8 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from model_references import make_reference, padded_batch
+from model_references import (
+    left_padded_prompts,
+    make_reference,
+    padded_batch,
+    reference_generate,
+)
 
 from jaxunlearn.models import generate, load
 
@@ -19,30 +23,12 @@ def models(tmp_path_factory):
     return load(directory), reference
 
 
-def left_padded_prompts():
-    ids, mask = padded_batch(seed=7, length=6)
-    # Move the right padding of row 2 to the left, as transformers' generate expects.
-    order = np.argsort(mask, axis=1, kind="stable")
-    return np.take_along_axis(ids, order, 1), np.take_along_axis(mask, order, 1)
-
-
-def reference_generate(reference, ids, mask, eos_token_id):
-    with torch.no_grad():
-        out = reference.generate(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-            eos_token_id=eos_token_id,
-            pad_token_id=0,
-        )
-    return out[:, ids.shape[1] :].numpy()
-
-
 def test_greedy_matches_transformers_generate(models):
     model, reference = models
     ids, mask = left_padded_prompts()
-    never_stop = reference_generate(reference, ids, mask, eos_token_id=None)
+    never_stop = reference_generate(
+        reference, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=None
+    )
     ours = generate(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=())
     assert never_stop.shape == (3, NEW_TOKENS)
     np.testing.assert_array_equal(np.asarray(ours.tokens), never_stop)
@@ -50,7 +36,7 @@ def test_greedy_matches_transformers_generate(models):
 
     # Make the token row 0 emits at step 2 the end token: rows stop at different steps.
     eos = int(never_stop[0, 2])
-    stopping = reference_generate(reference, ids, mask, eos_token_id=eos)
+    stopping = reference_generate(reference, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos)
     ours = generate(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0)
     width = stopping.shape[1]
     np.testing.assert_array_equal(np.asarray(ours.tokens[:, :width]), stopping)

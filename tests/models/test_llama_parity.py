@@ -6,9 +6,18 @@ import numpy as np
 import torch
 import transformers
 from flax import nnx
+from lora_references import (
+    ALPHA,
+    RANK,
+    TorchLoRA,
+    assert_gradients_match,
+    lora_loss_and_gradients,
+    next_token_loss,
+    torch_loss_and_gradients,
+)
 from model_references import make_reference, padded_batch, positions_from_mask
 
-from jaxunlearn.models import add_lora, join_lora, load, split_lora
+from jaxunlearn.models import load
 
 
 def reference_logits(reference, ids, mask):
@@ -44,52 +53,14 @@ def test_left_padding_does_not_change_logits(reference_checkpoint):
     np.testing.assert_allclose(logits[1, 3:], unpadded[0], atol=1e-5, rtol=0)
 
 
-def next_token_loss(logits, ids, mask, xp):
-    """Mean next-token cross-entropy over pairs of real tokens, for jnp or torch."""
-    if xp is torch:
-        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-        picked = torch.gather(log_probs, -1, ids[:, 1:, None])[..., 0]
-    else:
-        log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        picked = jnp.take_along_axis(log_probs, ids[:, 1:, None], axis=-1)[..., 0]
-    weights = mask[:, :-1] * mask[:, 1:]
-    return -(picked * weights).sum() / weights.sum()
-
-
-class TorchLoRALinear(torch.nn.Module):
-    """A hand-written PyTorch LoRA around an nn.Linear, with A [in, r] and B [r, out]."""
-
-    def __init__(self, base, lora_a, lora_b, scaling):
-        super().__init__()
-        self.base = base
-        self.lora_a = torch.nn.Parameter(torch.tensor(np.asarray(lora_a)))
-        self.lora_b = torch.nn.Parameter(torch.tensor(np.asarray(lora_b)))
-        self.scaling = scaling
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_a @ self.lora_b) * self.scaling
-
-
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def test_lora_gradient_matches_hand_wrapped_pytorch_lora(reference_checkpoint):
     name, directory, _ = reference_checkpoint
     model = load(directory)
-    add_lora(model, rank=4, alpha=8.0, targets=TARGETS, key=jax.random.key(1))
-    graphdef, lora, base = split_lora(model)
-    # B starts at zero, where the gradient with respect to A vanishes: perturb B.
-    leaves, treedef = jax.tree.flatten(lora)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    lora = jax.tree.unflatten(treedef, leaves)
     ids, mask = padded_batch(seed=3)
-
-    def loss(lora):
-        logits = join_lora(graphdef, lora, base)(ids, mask)
-        return next_token_loss(logits, ids, jnp.asarray(mask, jnp.float32), jnp)
-
-    jax_loss, jax_grads = jax.jit(jax.value_and_grad(loss))(lora)
+    lora, jax_loss, jax_grads = lora_loss_and_gradients(model, TARGETS, ids, mask)
 
     reference = transformers.LlamaForCausalLM.from_pretrained(
         directory, attn_implementation="eager"
@@ -103,33 +74,17 @@ def test_lora_gradient_matches_hand_wrapped_pytorch_lora(reference_checkpoint):
             setattr(
                 parent,
                 target,
-                TorchLoRALinear(
+                TorchLoRA(
                     getattr(parent, target),
                     flat_lora[f"{prefix}.{target}.lora_a"],
                     flat_lora[f"{prefix}.{target}.lora_b"],
-                    scaling=8.0 / 4,
+                    scaling=ALPHA / RANK,
                 ),
             )
-    torch_ids = torch.tensor(ids, dtype=torch.long)
-    torch_mask = torch.tensor(mask, dtype=torch.float32)
-    logits = reference(
-        input_ids=torch_ids,
-        attention_mask=torch.tensor(mask, dtype=torch.long),
-        position_ids=torch.tensor(positions_from_mask(mask), dtype=torch.long),
-    ).logits
-    torch_loss = next_token_loss(logits, torch_ids, torch_mask, torch)
-    torch_loss.backward()
-    torch_grads = {n: p.grad.numpy() for n, p in reference.named_parameters() if p.grad is not None}
+    torch_loss, torch_grads = torch_loss_and_gradients(reference, ids, mask)
 
-    assert abs(float(jax_loss) - torch_loss.item()) <= 1e-5
-    assert set(torch_grads) == set(flat_lora)
-    worst = 0.0
-    for path, variable in nnx.to_flat_state(jax_grads):
-        key = ".".join(map(str, path))
-        expected = torch_grads[key]
-        error = np.linalg.norm(np.asarray(variable[...]) - expected) / np.linalg.norm(expected)
-        worst = max(worst, error)
-        assert error <= 1e-4, key
+    assert abs(float(jax_loss) - torch_loss) <= 1e-5
+    worst = assert_gradients_match(jax_grads, torch_grads)
     print(f"\n[{name}] worst LoRA gradient relative error: {worst:.2e}")
 
 

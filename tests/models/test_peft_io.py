@@ -2,7 +2,6 @@
 logits; settings that cannot be honoured are refused with a `PeftFormatError`."""
 
 import copy
-import functools
 import json
 
 import jax
@@ -12,6 +11,7 @@ import pytest
 import torch
 from family_references import hf_class, make_family_reference
 from flax import nnx
+from lora_references import perturbed
 from model_references import make_reference, padded_batch, positions_from_mask
 from safetensors.numpy import load_file, save_file
 
@@ -58,15 +58,6 @@ def jax_logits(model, ids, mask):
 def max_error_on_real_tokens(ours, theirs, mask):
     real = mask.astype(bool)
     return float(np.max(np.abs(np.asarray(ours)[real] - theirs[real])))
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def perturbed(lora, scale):
-    """`lora` plus `scale` times standard normal noise, in one compiled step."""
-    leaves, treedef = jax.tree.flatten(lora)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    noisy = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    return jax.tree.unflatten(treedef, noisy)
 
 
 def make_peft_adapter(reference, directory, seed=0, **lora_settings):

@@ -1,0 +1,255 @@
+"""How close does LLMEraser come to retraining, and at what cost? Every solver, three request kinds.
+
+On the embedded default: fine-tunes LoRA adapters once (the demo's recipe), then for each
+request (removals of 1%, 5% and 10% of the trained people; query edits and response edits of
+5% of the people's question-answer / fact examples) retrains the adapter on the data after the
+request (the reference) and applies LLMEraser with each solver. Reports, per request and solver:
+the forget-gap closed (removals) or the fraction of the retrain's gain in likelihood of the new
+responses (edits), retain perplexity against the retrain's, the change of the membership
+inference AUC, the distance and KL to the retrain, and the wall-clock of the request (after
+compilation) and of its one-off preparation against the retrain's.
+
+    python experiments/llmeraser_vs_retrain.py                  # about 30 min on 2 CPU cores
+    python experiments/llmeraser_vs_retrain.py --fractions 0.05 --solvers cg lowrank
+
+Writes experiments/results/llmeraser_vs_retrain.{json,md}.
+"""
+
+import argparse
+import dataclasses
+import json
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxunlearn import curvature
+from jaxunlearn.adapter import attach_lora
+from jaxunlearn.data import tokenize_examples
+from jaxunlearn.defaults import ensure_defaults
+from jaxunlearn.demo import DemoSettings
+from jaxunlearn.eval import (
+    distance_to_retrain,
+    markdown_table,
+    membership_inference,
+    next_token_kl,
+    perplexity,
+    score_examples,
+)
+from jaxunlearn.train import finetune
+from jaxunlearn.unlearn import (
+    EraserSettings,
+    QueryEdit,
+    Removal,
+    ResponseEdit,
+    llmeraser,
+    prepare_llmeraser,
+    resolve_request,
+    retrain,
+)
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+# Each solver's settings; the preparation (curvature sample, damping, eigenbasis) is shared by
+# every request of a solver.
+SOLVER_SETTINGS = {
+    "cg": EraserSettings(solver="cg", curvature="gauss_newton", max_steps=30),
+    "lissa": EraserSettings(solver="lissa", curvature="gauss_newton", max_steps=60),
+    "sgd": EraserSettings(solver="sgd", curvature="gauss_newton", max_steps=60),
+    "lowrank": EraserSettings(solver="lowrank", curvature="gauss_newton", rank=48),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.10])
+    parser.add_argument("--edits", nargs="*", default=["query_edit", "response_edit"])
+    parser.add_argument("--solvers", nargs="+", default=list(SOLVER_SETTINGS))
+    parser.add_argument("--epochs", type=float, default=DemoSettings().epochs)
+    parser.add_argument("--no-progress", action="store_true")
+    options = parser.parse_args()
+    progress = not options.no_progress
+
+    assets = ensure_defaults(options.cache_dir, progress=progress)
+    corpus, tokenizer, recipe = assets.corpus(), assets.tokenizer(), assets.recipe
+    demo = dataclasses.replace(DemoSettings(), epochs=options.epochs)
+
+    def tokenized(items):
+        return tokenize_examples(
+            items, tokenizer, max_length=recipe.max_length, buckets=recipe.buckets
+        )
+
+    examples = corpus.train_examples()
+    data = tokenized(examples)
+    held_out = tokenized(corpus.held_out_examples())
+    initial = attach_lora(assets.model(), demo.lora_settings(), key=jax.random.key(demo.seed))
+    config = demo.train_config(len(data))
+    original = finetune(nnx.clone(initial), data, config=config, progress=progress)
+    print(f"fine-tune: {original.history.wall_seconds:.1f} s, {config.num_steps} steps", flush=True)
+
+    preparations = {}
+    for solver in options.solvers:
+        preparations[solver] = prepare_llmeraser(
+            original.model, data, settings=SOLVER_SETTINGS[solver]
+        )
+        print(f"prepared {solver}: {preparations[solver].seconds:.1f} s")
+
+    requests = [(f"removal {f:.0%}", _removal(corpus, examples, f)) for f in options.fractions]
+    requests += [(kind, _edit(corpus, examples, kind)) for kind in options.edits]
+    rows = []
+    for name, request in requests:
+        resolved = resolve_request(request, examples)
+        after = tokenized(resolved.examples_after)
+        reference = retrain(
+            initial, after, config=config, num_examples=len(data), progress=progress
+        )
+        print(f"{name}: retrain {reference.history.wall_seconds:.1f} s")
+        target = tokenized(resolved.replacements) if resolved.replacements else None
+        affected = data.subset(resolved.indices)
+        base_row = _evaluate(original.model, affected, target, after, held_out, reference.model)
+        retrain_row = _evaluate(reference.model, affected, target, after, held_out, reference.model)
+        for solver in options.solvers:
+            model = nnx.clone(original.model)
+            result = llmeraser(
+                model,
+                request,
+                examples=examples,
+                data=data,
+                tokenizer=tokenizer,
+                settings=SOLVER_SETTINGS[solver],
+                preparation=preparations[solver],
+            )
+            row = _evaluate(model, affected, target, after, held_out, reference.model)
+            rows.append(
+                _compare(
+                    name,
+                    solver,
+                    row,
+                    base_row,
+                    retrain_row,
+                    result,
+                    preparations[solver],
+                    reference.history.wall_seconds,
+                    original.model,
+                    model,
+                    reference.model,
+                )
+            )
+            print(json.dumps(rows[-1]), flush=True)
+
+    RESULTS.mkdir(exist_ok=True)
+    figures = {
+        "recipe": dataclasses.asdict(demo),
+        "solvers": {name: dataclasses.asdict(SOLVER_SETTINGS[name]) for name in options.solvers},
+        "scored_tokens": "response tokens, end-of-sequence token included",
+        "rows": rows,
+    }
+    (RESULTS / "llmeraser_vs_retrain.json").write_text(json.dumps(figures, indent=2))
+    columns = [
+        "request",
+        "solver",
+        "moved",
+        "mia_moved",
+        "retain_ppl_ratio",
+        "distance_to_retrain",
+        "kl_affected",
+        "unlearn_seconds",
+        "prepare_seconds",
+        "unlearn_over_retrain",
+    ]
+    table = markdown_table(rows, columns)
+    (RESULTS / "llmeraser_vs_retrain.md").write_text(
+        "# LLMEraser against retraining on the embedded default\n\n"
+        "`moved`: forget-gap closed for removals (metrics.md); for edits, the fraction of the "
+        "retrain's drop in mean NLL of the new responses that the update achieves. "
+        "`mia_moved`: (AUC_method − AUC_original) / (AUC_retrain − AUC_original), LOSS attack, "
+        "affected vs held-out examples (removals only). Seconds are wall-clock after "
+        "compilation.\n\n" + table + "\n"
+    )
+    print(table)
+
+
+def _removal(corpus, examples, fraction) -> Removal:
+    people = corpus.forget_split(fraction)
+    return Removal(e.id for e in examples if e.metadata["person_id"] in people)
+
+
+def _edit(corpus, examples, kind):
+    """Edits of the 5% forget split's question-answer (query) or fact (response) examples."""
+    people = corpus.forget_split(0.05)
+    mine = [e for e in examples if e.metadata["person_id"] in people]
+    if kind == "query_edit":
+        return QueryEdit(
+            {
+                e.id: "Please answer briefly. " + e.prompt
+                for e in mine
+                if e.metadata.get("kind") == "qa"
+            }
+        )
+    # A correction: each fact now states another (held-out) person's value of the same field.
+    donors = corpus.held_out
+    edits = {}
+    for i, e in enumerate(x for x in mine if x.metadata.get("kind") == "fact"):
+        value = donors[i % len(donors)].pii(e.metadata["field"])
+        edits[e.id] = f" {value}."
+    return ResponseEdit(edits)
+
+
+def _evaluate(model, affected, target, after, held_out, reference):
+    scores = score_examples(model, affected)
+    row = {
+        "affected_loss": float(np.mean(scores.losses)),
+        "retain_ppl": perplexity(score_examples(model, after).losses),
+        "mia_auc_loss": membership_inference(scores, score_examples(model, held_out))["loss"].auc,
+        "kl_affected": float(np.mean(next_token_kl(reference, model, affected))),
+    }
+    if target is not None:
+        row["target_loss"] = float(np.mean(score_examples(model, target).losses))
+    return row
+
+
+def _compare(
+    name,
+    solver,
+    row,
+    base,
+    retrained,
+    result,
+    preparation,
+    retrain_seconds,
+    original,
+    model,
+    reference,
+):
+    metric = "target_loss" if "target_loss" in row else "affected_loss"
+    gap = retrained[metric] - base[metric]
+    mia_gap = retrained["mia_auc_loss"] - base["mia_auc_loss"]
+    trees = [curvature.split_for_curvature(m)[1] for m in (model, original, reference)]
+    return {
+        "request": name,
+        "solver": solver,
+        "moved": (row[metric] - base[metric]) / gap,
+        "mia_moved": (row["mia_auc_loss"] - base["mia_auc_loss"]) / mia_gap
+        if "target_loss" not in row and mia_gap
+        else None,
+        "retain_ppl_ratio": row["retain_ppl"] / retrained["retain_ppl"],
+        "distance_to_retrain": distance_to_retrain(*trees),
+        "kl_affected": row["kl_affected"],
+        "kl_affected_original": base["kl_affected"],
+        "unlearn_seconds": result.seconds,
+        "compile_seconds": result.compile_seconds,
+        "prepare_seconds": preparation.seconds,
+        "retrain_seconds": retrain_seconds,
+        "unlearn_over_retrain": result.seconds / retrain_seconds,
+        "damping": result.damping,
+        "solver_steps": int(result.solution.steps),
+        "original": base,
+        "unlearned": row,
+        "retrained": retrained,
+    }
+
+
+if __name__ == "__main__":
+    main()

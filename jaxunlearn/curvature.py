@@ -1,0 +1,357 @@
+"""Curvature of the fine-tuning objective over the LoRA tree, built on `kernels`.
+
+The objective is R(Θ) = mean over examples of L(z; Θ), the mean response-token NLL that
+training minimizes (`jaxunlearn.batch`), as a function of the LoRA tree Θ alone: the model is
+split into `(graphdef, lora, base)` once (`split_for_curvature`) and every operator here is a
+plain function of pytrees with the structure of `lora`.
+
+Two curvatures, each in two forms:
+- `"hessian"`: ∇²R, forward-over-reverse; indefinite away from a minimum, so it needs damping.
+- `"gauss_newton"`: (1/n) Σ Jᵀ Λ J with Λ the softmax cross-entropy Hessian; positive
+  semi-definite.
+- `fixed_curvature`: the mean over a chosen sample, linearized once per batch of the sample
+  (each product then costs about one gradient of the sample): deterministic, for CG, Lanczos
+  and a deterministic LiSSA.
+- `stochastic_curvature`: `(v, key) ↦ C_B v` on a fresh uniformly drawn mini-batch B per
+  product, an unbiased estimate of the mean over the whole dataset: for the stochastic
+  quadratic solver and a stochastic LiSSA.
+
+Damping is never implicit: the solvers take λ and solve with C + λI. `estimate_spectrum` runs
+a few Lanczos steps to bracket the eigenvalues, and `choose_damping` turns them into a λ by a
+stated rule, so that every report can say which λ was used and why.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import kernels
+from jaxunlearn.batch import Batch, mean_loss
+from jaxunlearn.models import split_lora
+
+__all__ = [
+    "CURVATURE_KINDS",
+    "CurvatureKind",
+    "Spectrum",
+    "choose_damping",
+    "estimate_spectrum",
+    "fixed_curvature",
+    "objective",
+    "objective_gradient",
+    "split_for_curvature",
+    "stochastic_curvature",
+    "warm_up_gradient",
+]
+
+CurvatureKind = Literal["hessian", "gauss_newton"]
+CURVATURE_KINDS: tuple[str, ...] = ("hessian", "gauss_newton")
+
+Tree = nnx.State
+
+
+def split_for_curvature(model: nnx.Module, /) -> tuple[nnx.GraphDef, Tree, Tree]:
+    """Splits a LoRA model into `(graphdef, lora, base)` with dropout switched off.
+
+    Curvature and influence are derivatives of the deterministic objective, so the graph is
+    taken from an evaluation view of the model; the model's own mode is left unchanged.
+    """
+    view = nnx.view(model, deterministic=True, raise_if_not_found=False)
+    return split_lora(view)
+
+
+@functools.cache
+def objective(graphdef: nnx.GraphDef, /) -> Callable[[Tree, Tree, Batch], jax.Array]:
+    """The batch objective `loss(lora, base, batch)`: the mean of L(z) over its real examples.
+
+    One function object per graph, so that the compiled linearizations and products that
+    `kernels` caches per function are reused across requests.
+    """
+
+    def loss(lora: Tree, base: Tree, batch: Batch) -> jax.Array:
+        model = nnx.merge(graphdef, lora, base)
+        return mean_loss(model(batch.input_ids, batch.attention_mask), batch)
+
+    return loss
+
+
+@functools.cache
+def _logits_function(graphdef: nnx.GraphDef, /) -> Callable[[Tree, Tree, Batch], jax.Array]:
+    def logits(lora: Tree, base: Tree, batch: Batch) -> jax.Array:
+        model = nnx.merge(graphdef, lora, base)
+        return model(batch.input_ids, batch.attention_mask).astype(jnp.float32)
+
+    return logits
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _summed_gradient(lora: Tree, base: Tree, batch: Batch, *, graphdef: nnx.GraphDef) -> Tree:
+    # The mean loss times the number of real examples is the sum of L(z) over the batch.
+    count = jnp.sum(jnp.asarray(batch.example_mask, jnp.float32))
+
+    def summed(lora):
+        return objective(graphdef)(lora, base, batch) * count
+
+    return jax.grad(summed)(lora)
+
+
+def objective_gradient(
+    graphdef: nnx.GraphDef,
+    lora: Tree,
+    base: Tree,
+    batches: Sequence[Batch],
+    /,
+    *,
+    reduction: Literal["sum", "mean"] = "sum",
+) -> Tree:
+    """Σ ∇L(z) (or the mean) over the real examples of `batches`.
+
+    Args:
+        graphdef, lora, base: The model, split by `split_for_curvature`.
+        batches: The examples, in padded batches (rows with `example_mask` False are ignored).
+        reduction: `"sum"` of per-example gradients, or their `"mean"`.
+    """
+    batches = list(batches)
+    total = None
+    count = 0
+    for batch in batches:
+        gradient = _summed_gradient(lora, base, batch, graphdef=graphdef)
+        total = gradient if total is None else kernels.tree_add_scaled(total, 1.0, gradient)
+        count += int(np.sum(batch.example_mask))
+    if total is None or count == 0:
+        raise ValueError("objective_gradient needs at least one real example.")
+    return kernels.tree_scale(1.0 / count, total) if reduction == "mean" else total
+
+
+def warm_up_gradient(graphdef: nnx.GraphDef, lora: Tree, base: Tree, batches: Sequence[Batch]):
+    """Compiles `objective_gradient` for every batch shape of `batches`, so that timing a later
+    call measures running it, not compiling it. Runs each shape once on padding rows only."""
+    shapes = {}
+    for batch in batches:
+        shapes.setdefault(np.shape(batch.input_ids), batch)
+    for batch in shapes.values():
+        padding = batch._replace(example_mask=np.zeros_like(np.asarray(batch.example_mask)))
+        jax.block_until_ready(_summed_gradient(lora, base, padding, graphdef=graphdef))
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in CURVATURE_KINDS:
+        raise ValueError(f"curvature must be one of {CURVATURE_KINDS}, got {kind!r}.")
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _gauss_newton_product(
+    lora: Tree, base: Tree, batch: Batch, v: Tree, *, graphdef: nnx.GraphDef
+) -> Tree:
+    logits = functools.partial(_logits_function(graphdef), base=base, batch=batch)
+
+    def loss_of_logits(outputs):
+        return mean_loss(outputs, batch)
+
+    return kernels.gnvp(lambda p: logits(p), loss_of_logits, lora, v)
+
+
+def fixed_curvature(
+    graphdef: nnx.GraphDef,
+    lora: Tree,
+    base: Tree,
+    batches: Sequence[Batch],
+    /,
+    *,
+    kind: CurvatureKind = "hessian",
+) -> Callable[[Tree], Tree]:
+    """v ↦ C v for the curvature C of the mean objective over the real examples of `batches`.
+
+    Each batch contributes in proportion to its number of real examples, so the result is the
+    mean over the whole sample however it was cut into batches. For the Hessian each batch's
+    gradient is linearized here, once; every product then reuses the linearization (memory:
+    the activations of every batch of the sample are kept).
+
+    Args:
+        graphdef, lora, base: The model, split by `split_for_curvature`; the curvature is taken
+            at `lora`.
+        batches: The curvature sample.
+        kind: `"hessian"` or `"gauss_newton"`.
+
+    Returns:
+        A deterministic symmetric operator on trees with the structure of `lora`.
+    """
+    _check_kind(kind)
+    batches = list(batches)
+    counts = [int(np.sum(batch.example_mask)) for batch in batches]
+    total = sum(counts)
+    if total == 0:
+        raise ValueError("fixed_curvature needs at least one real example in its sample.")
+    weights = [count / total for count in counts]
+    if kind == "hessian":
+        loss = objective(graphdef)
+        pieces = [
+            kernels.linearize_hvp(loss, lora, base, batch)
+            for batch, count in zip(batches, counts, strict=True)
+            if count
+        ]
+    else:
+        pieces = [
+            _linearize_gauss_newton(lora, base, batch, graphdef=graphdef)
+            for batch, count in zip(batches, counts, strict=True)
+            if count
+        ]
+    weights = [w for w in weights if w]
+    # A pytree (its leaves: every batch's saved linearization): jitted solvers take it as an
+    # argument, so its arrays are inputs of the compiled loop rather than constants in it.
+    return jax.tree_util.Partial(_weighted_sum_of_products, tuple(pieces), tuple(weights))
+
+
+def _weighted_sum_of_products(pieces, weights, v: Tree) -> Tree:
+    result = kernels.tree_scale(weights[0], pieces[0](v))
+    for piece, weight in zip(pieces[1:], weights[1:], strict=True):
+        result = kernels.tree_add_scaled(result, weight, piece(v))
+    return result
+
+
+def _linearize_gauss_newton(lora, base, batch, *, graphdef) -> Callable[[Tree], Tree]:
+    """v ↦ Jᵀ Λ J v for one batch, with the model linearized once (J and Jᵀ reuse it)."""
+    logits, logits_jvp = _linearized_logits(lora, base, batch, graphdef=graphdef)
+    batch = Batch(*(jnp.asarray(field) for field in batch))
+    return jax.tree_util.Partial(_apply_gauss_newton, logits_jvp, logits, batch)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _linearized_logits(lora, base, batch, *, graphdef):
+    return jax.linearize(
+        functools.partial(_logits_function(graphdef), base=base, batch=batch), lora
+    )
+
+
+@jax.jit
+def _apply_gauss_newton(logits_jvp, logits, batch, v):
+    # `logits_jvp` is a Partial holding the saved linearization: J v and Jᵀ u reuse it.
+    direction = logits_jvp(v)
+    loss_gradient = jax.grad(functools.partial(_mean_loss_of_logits, batch=batch))
+    curvature = jax.jvp(loss_gradient, (logits,), (direction,))[1]
+    (product,) = jax.linear_transpose(logits_jvp, v)(curvature)
+    return product
+
+
+def _mean_loss_of_logits(logits, *, batch):
+    return mean_loss(logits, batch)
+
+
+def stochastic_curvature(
+    graphdef: nnx.GraphDef,
+    lora: Tree,
+    base: Tree,
+    pool: Batch,
+    /,
+    *,
+    batch_size: int,
+    kind: CurvatureKind = "hessian",
+) -> Callable[[Tree, jax.Array], Tree]:
+    """`(v, key) ↦ C_B v` with B a fresh mini-batch drawn without replacement from `pool`.
+
+    C_B is the curvature of the mean objective over B, an unbiased estimate of the curvature
+    of the mean over the pool. The pool lives on the device (every example padded to one
+    length), so products can be drawn inside `jax.lax.while_loop`.
+
+    Args:
+        graphdef, lora, base: The model, split by `split_for_curvature`.
+        pool: Every example to draw from as one padded `Batch` (rows with `example_mask` False
+            are never drawn).
+        batch_size: |B|.
+        kind: `"hessian"` or `"gauss_newton"`.
+    """
+    _check_kind(kind)
+    real = np.flatnonzero(np.asarray(pool.example_mask))
+    if not 1 <= batch_size <= len(real):
+        raise ValueError(
+            f"batch_size must be between 1 and the {len(real)} examples of the pool, "
+            f"got {batch_size}."
+        )
+    pool = Batch(*(jnp.asarray(np.asarray(field)[real]) for field in pool))
+    # A pytree of (lora, base, pool), for the same reason as `fixed_curvature`'s operator.
+    return jax.tree_util.Partial(_stochastic_product(graphdef, batch_size, kind), lora, base, pool)
+
+
+@functools.cache
+def _stochastic_product(graphdef: nnx.GraphDef, batch_size: int, kind: str):
+    # One function object per static setting, so jitted solvers taking the operator as an
+    # argument compile once per setting.
+    loss = objective(graphdef)
+
+    def product(lora: Tree, base: Tree, pool: Batch, v: Tree, key: jax.Array) -> Tree:
+        rows = jax.random.choice(key, pool.input_ids.shape[0], (batch_size,), replace=False)
+        batch = Batch(*(field[rows] for field in pool))
+        if kind == "hessian":
+            return kernels.hvp(loss, lora, v, base, batch)
+        return _gauss_newton_product(lora, base, batch, v, graphdef=graphdef)
+
+    return product
+
+
+# The solvers compiled with the operator as an argument (see `fixed_curvature`): one compiled
+# loop per operator structure and setting, reused across requests and adapters.
+jitted_lanczos = jax.jit(kernels.lanczos, static_argnames=("num_steps", "num_eigenpairs"))
+jitted_cg = jax.jit(kernels.cg, static_argnames=("tol", "max_steps"))
+jitted_lissa = jax.jit(kernels.lissa, static_argnames=("max_steps", "tol"))
+
+
+class Spectrum(NamedTuple):
+    """Estimates of the extreme eigenvalues of a curvature operator.
+
+    Attributes:
+        largest: The largest Ritz value: a lower bound on λ_max that Lanczos approaches fast.
+        smallest: The smallest Ritz value: an upper bound on λ_min (rougher; negative means
+            the operator is certainly indefinite).
+        ritz_values: Every Ritz value, decreasing.
+        num_steps: The number of products it took.
+    """
+
+    largest: float
+    smallest: float
+    ritz_values: tuple[float, ...]
+    num_steps: int
+
+
+def estimate_spectrum(
+    matvec: Callable[[Tree], Tree], like: Tree, /, *, num_steps: int = 20, key: jax.Array
+) -> Spectrum:
+    """Brackets the eigenvalues of a deterministic symmetric operator with Lanczos.
+
+    Args:
+        matvec: v ↦ C v (e.g. from `fixed_curvature`).
+        like: A tree with the operator's structure (e.g. the LoRA tree).
+        num_steps: Lanczos steps (products with C).
+        key: PRNG key for the random start vector.
+    """
+    num_steps = min(num_steps, sum(leaf.size for leaf in jax.tree.leaves(like)))
+    start = kernels.tree_random_normal_like(key, like)
+    pairs = jitted_lanczos(matvec, start, num_steps=num_steps, key=key)
+    values = tuple(float(value) for value in np.asarray(pairs.eigenvalues))
+    if not all(math.isfinite(value) for value in values):
+        raise FloatingPointError(f"The curvature's Ritz values are not finite: {values}.")
+    return Spectrum(max(values), min(values), values, num_steps)
+
+
+def choose_damping(spectrum: Spectrum, /, *, relative: float = 1e-3) -> float:
+    """λ = relative · λ_max + max(0, −λ_min): a fixed fraction of the curvature scale, plus
+    what it takes to lift the most negative eigenvalue seen to zero.
+
+    Args:
+        spectrum: From `estimate_spectrum`.
+        relative: The fraction of the largest eigenvalue (> 0).
+    """
+    if not relative > 0:
+        raise ValueError(f"relative must be > 0, got {relative}.")
+    if not spectrum.largest > 0:
+        raise ValueError(
+            f"The curvature's largest eigenvalue estimate is {spectrum.largest:.3g}; a damping "
+            "cannot be scaled to it. Is the model trained (is LoRA B non-zero)?"
+        )
+    return relative * spectrum.largest + max(0.0, -spectrum.smallest)

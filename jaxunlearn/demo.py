@@ -1,0 +1,407 @@
+"""The main job on the embedded default: fine-tune, unlearn with LLMEraser, retrain, compare.
+
+`run_demo` fine-tunes LoRA adapters of the embedded default model on its synthetic corpus of
+fictitious people, removes about 5% of the people with one LLMEraser request, retrains the
+adapter without them from the same initialization as the reference, and evaluates the three
+adapters (original, unlearned, retrained) on the forget set, the retain set and held-out people
+never trained on: perplexities, membership inference AUCs (forget vs held-out), PII extraction
+recall, the distance and KL to the retrain, and the cost of unlearning against retraining. It
+writes a report folder (JSON with every figure and per-example values, Markdown, PNG plots).
+
+Scored tokens: every figure scores the response tokens of an example, end-of-sequence token
+included; prompt tokens are never scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxunlearn import curvature
+from jaxunlearn.adapter import LoraSettings, attach_lora
+from jaxunlearn.data import tokenize_examples
+from jaxunlearn.defaults import ensure_defaults
+from jaxunlearn.eval import (
+    compiled_flops,
+    distance_to_retrain,
+    extraction_recall,
+    forget_gap_closed,
+    markdown_table,
+    membership_inference,
+    next_token_kl,
+    perplexity,
+    pii_extraction,
+    plot_forget_losses,
+    plot_score_histograms,
+    score_examples,
+)
+from jaxunlearn.models import LORA_TARGETS
+from jaxunlearn.train import TrainConfig, finetune
+from jaxunlearn.unlearn import EraserSettings, Removal, llmeraser, prepare_llmeraser, retrain
+
+__all__ = ["MODELS", "DemoSettings", "run_demo"]
+
+MODELS = ("original", "unlearned", "retrained")
+SCORED_TOKENS = "response tokens, end-of-sequence token included; prompt tokens never scored"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """The demo's recipe (defaults fit in a few minutes on two CPU cores).
+
+    Attributes:
+        forget_fraction: The fraction of the trained people whose examples are removed.
+        epochs: Passes over the training data of the fine-tune (and of the retrain).
+        rank, alpha: LoRA rank and alpha, on every projection.
+        learning_rate: Peak AdamW learning rate.
+        batch_size: Examples per step.
+        eraser: LLMEraser's settings.
+        seed: Seeds the adapter initialization and the data order.
+    """
+
+    forget_fraction: float = 0.05
+    epochs: float = 12.0
+    rank: int = 32
+    alpha: float = 32.0
+    learning_rate: float = 1e-2
+    batch_size: int = 32
+    eraser: EraserSettings = dataclasses.field(
+        default_factory=lambda: EraserSettings(
+            solver="lowrank", curvature="gauss_newton", sample_size=128, rank=48
+        )
+    )
+    seed: int = 0
+
+    def lora_settings(self) -> LoraSettings:
+        """Adapters of rank `rank` on every projection of the Llama."""
+        return LoraSettings(rank=self.rank, alpha=self.alpha, targets=LORA_TARGETS)
+
+    def train_config(self, num_examples: int, /) -> TrainConfig:
+        """`epochs` passes over `num_examples` examples, 10% warmup, length-grouped batches."""
+        steps = max(2, round(self.epochs * num_examples / self.batch_size))
+        return TrainConfig(
+            learning_rate=self.learning_rate,
+            warmup_steps=steps // 10,
+            num_steps=steps,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            group_by_length=True,
+        )
+
+
+def run_demo(
+    output_dir: str | os.PathLike,
+    /,
+    *,
+    settings: DemoSettings = DemoSettings(),
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Runs the demo and writes its report to `output_dir` (created; may exist).
+
+    Returns:
+        Every figure of the report (what `report.json` holds).
+    """
+    started = time.perf_counter()
+    output = pathlib.Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    assets = ensure_defaults(cache_dir, progress=progress)
+    corpus, tokenizer, recipe = assets.corpus(), assets.tokenizer(), assets.recipe
+    examples = corpus.train_examples()
+    forget_people = sorted(corpus.forget_split(settings.forget_fraction))
+    forget_ids = [e.id for e in examples if e.metadata["person_id"] in set(forget_people)]
+
+    def tokenized(items):
+        return tokenize_examples(
+            items, tokenizer, max_length=recipe.max_length, buckets=recipe.buckets
+        )
+
+    data = tokenized(examples)
+    retain_examples = [e for e in examples if e.metadata["person_id"] not in set(forget_people)]
+    forget_data = data.subset(data.indices_of(forget_ids))
+    retain_data = tokenized(retain_examples)
+    held_out_data = tokenized(corpus.held_out_examples())
+    log(
+        f"Embedded default: {len(examples)} training examples of {len(corpus.people)} people; "
+        f"forgetting {len(forget_people)} people ({len(forget_ids)} examples); "
+        f"{len(held_out_data)} held-out examples of {len(corpus.held_out)} people."
+    )
+
+    lora = settings.lora_settings()
+    initial = attach_lora(assets.model(), lora, key=jax.random.key(settings.seed))
+    config = settings.train_config(len(data))
+    log(
+        f"Fine-tuning LoRA r={lora.rank} on {len(lora.targets)} projections, "
+        f"{config.num_steps} steps..."
+    )
+    original = finetune(nnx.clone(initial), data, config=config, progress=progress)
+    finetune_seconds = original.history.wall_seconds
+    original_model = original.model
+
+    log("Preparing LLMEraser (curvature, damping, eigenbasis)...")
+    unlearned_model = nnx.clone(original_model)
+    preparation = prepare_llmeraser(unlearned_model, data, settings=settings.eraser)
+    erased = llmeraser(
+        unlearned_model,
+        Removal(forget_ids),
+        examples=examples,
+        data=data,
+        settings=settings.eraser,
+        preparation=preparation,
+    )
+    log(erased.message)
+
+    log("Retraining without the forgotten people (the reference)...")
+    retrained = retrain(
+        initial, retain_data, config=config, num_examples=len(data), progress=progress
+    )
+    retrain_seconds = retrained.history.wall_seconds
+
+    log("Evaluating original, unlearned and retrained adapters...")
+    models = {
+        "original": original_model,
+        "unlearned": unlearned_model,
+        "retrained": retrained.model,
+    }
+    figures: dict[str, Any] = {
+        "scored_tokens": SCORED_TOKENS,
+        "settings": _jsonable(dataclasses.asdict(settings)),
+        "data": {
+            "train_examples": len(data),
+            "forget_examples": len(forget_data),
+            "retain_examples": len(retain_data),
+            "held_out_examples": len(held_out_data),
+            "forget_people": len(forget_people),
+            "trained_people": len(corpus.people),
+            "held_out_people": len(corpus.held_out),
+        },
+    }
+    per_example: dict[str, Any] = {"forget_ids": list(forget_data.ids)}
+    scores = {}
+    recall_prompts = corpus.recall_prompts(forget_people)
+    for name, model in models.items():
+        forget_scores = score_examples(model, forget_data)
+        retain_scores = score_examples(model, retain_data)
+        held_out_scores = score_examples(model, held_out_data)
+        attacks = membership_inference(forget_scores, held_out_scores)
+        attempts = pii_extraction(model, tokenizer, recall_prompts)
+        scores[name] = (forget_scores, held_out_scores, attacks)
+        figures[name] = {
+            "forget_ppl": perplexity(forget_scores.losses),
+            "retain_ppl": perplexity(retain_scores.losses),
+            "held_out_ppl": perplexity(held_out_scores.losses),
+            "forget_loss": float(np.mean(forget_scores.losses)),
+            "retain_loss": float(np.mean(retain_scores.losses)),
+            "mia_auc_loss": attacks["loss"].auc,
+            "mia_auc_mink": attacks["min_k"].auc,
+            "mia_auc_mink_plus_plus": attacks["min_k_plus_plus"].auc,
+            "mia_tpr_at_1pct_fpr_loss": attacks["loss"].tpr_at_1pct_fpr,
+            "pii_recall": extraction_recall(attempts),
+            "pii_attempts": len(attempts),
+        }
+        per_example[name] = {
+            "forget_losses": forget_scores.losses.tolist(),
+            "forget_min_k": forget_scores.min_k.tolist(),
+            "held_out_losses": held_out_scores.losses.tolist(),
+        }
+
+    lora_trees = {name: curvature.split_for_curvature(m)[1] for name, m in models.items()}
+    reference = figures["retrained"]
+    for name in ("original", "unlearned"):
+        figures[name]["forget_gap_closed"] = forget_gap_closed(
+            figures[name]["forget_loss"],
+            figures["original"]["forget_loss"],
+            reference["forget_loss"],
+        )
+        figures[name]["distance_to_retrain"] = distance_to_retrain(
+            lora_trees[name], lora_trees["original"], lora_trees["retrained"]
+        )
+        figures[name]["kl_to_retrain_forget"] = float(
+            np.mean(next_token_kl(models["retrained"], models[name], forget_data))
+        )
+        figures[name]["kl_to_retrain_retain"] = float(
+            np.mean(next_token_kl(models["retrained"], models[name], retain_data))
+        )
+    figures["cost"] = _cost(
+        erased,
+        preparation,
+        retrain_seconds,
+        finetune_seconds,
+        data,
+        forget_data,
+        retain_data,
+        lora_trees["original"],
+        original_model,
+        config,
+        settings,
+    )
+    figures["checks"] = _checks(figures)
+    figures["total_seconds"] = time.perf_counter() - started
+    figures["per_example"] = per_example
+
+    _write_report(output, figures, scores)
+    return figures
+
+
+def _cost(
+    erased,
+    preparation,
+    retrain_seconds,
+    finetune_seconds,
+    data,
+    forget_data,
+    retain_data,
+    lora,
+    model,
+    config,
+    settings,
+) -> dict[str, Any]:
+    """Wall-clock and compiled FLOPs of the unlearning against the retrain.
+
+    FLOPs come from XLA's cost analysis of the gradient computations each one runs: the
+    request's gradients for LLMEraser (its low-rank solve costs a negligible 4·k·|Θ|), one
+    gradient per step of each batch shape for the retrain (the optimizer update excluded).
+    """
+    graphdef, lora, base = curvature.split_for_curvature(model)
+    gradient = jax.grad(curvature.objective(graphdef))
+    batch_size = settings.eraser.batch_size
+
+    flops_by_shape: dict[tuple[int, ...], float] = {}
+
+    def gradient_flops(dataset, batch_rows):
+        order = np.argsort(dataset.lengths, kind="stable")
+        total = 0.0
+        for start in range(0, len(order), batch_rows):
+            batch = dataset.batch(order[start : start + batch_rows], batch_size=batch_rows)
+            shape = np.shape(batch.input_ids)
+            if shape not in flops_by_shape:
+                flops_by_shape[shape] = compiled_flops(gradient, lora, base, batch) or math.nan
+            total += flops_by_shape[shape]
+        return total
+
+    unlearn_flops = gradient_flops(forget_data, batch_size)
+    epochs = settings.epochs
+    retrain_flops = epochs * gradient_flops(retain_data, config.batch_size)
+    prepare_products = preparation.spectrum.num_steps
+    return {
+        "finetune_seconds": finetune_seconds,
+        "retrain_seconds": retrain_seconds,
+        "prepare_seconds": preparation.seconds,
+        "unlearn_seconds": erased.seconds,
+        "unlearn_compile_seconds": erased.compile_seconds,
+        "unlearn_over_retrain": erased.seconds / retrain_seconds,
+        "unlearn_and_prepare_over_retrain": (erased.seconds + preparation.seconds)
+        / retrain_seconds,
+        "unlearn_gradient_flops": unlearn_flops,
+        "retrain_gradient_flops": retrain_flops,
+        "unlearn_flops_over_retrain": unlearn_flops / retrain_flops,
+        "prepare_curvature_products": prepare_products,
+        "prepare_examples": len(preparation.sample_indices),
+        "damping": preparation.damping,
+        "spectrum_largest": preparation.spectrum.largest,
+        "spectrum_smallest": preparation.spectrum.smallest,
+    }
+
+
+def _checks(figures) -> dict[str, Any]:
+    """The acceptance criteria of the demo, each with the numbers it compares."""
+    original, unlearned, retrained = (figures[name] for name in MODELS)
+
+    def moved(metric):
+        gap = retrained[metric] - original[metric]
+        return (unlearned[metric] - original[metric]) / gap if gap else math.nan
+
+    retain_ratio = unlearned["retain_ppl"] / retrained["retain_ppl"]
+    cost = figures["cost"]
+    return {
+        "forget_loss_moved": moved("forget_loss"),
+        "forget_ppl_moved": moved("forget_ppl"),
+        "mia_auc_loss_moved": moved("mia_auc_loss"),
+        "mia_auc_mink_moved": moved("mia_auc_mink"),
+        "retain_ppl_over_retrained": retain_ratio,
+        "halfway_forget": moved("forget_loss") >= 0.5,
+        "halfway_mia": moved("mia_auc_loss") >= 0.5 and moved("mia_auc_mink") >= 0.5,
+        "retain_within_5pct": abs(retain_ratio - 1) <= 0.05,
+        "unlearn_within_5pct_of_retrain": cost["unlearn_over_retrain"] <= 0.05,
+    }
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def summary_table(figures: dict[str, Any]) -> str:
+    """The demo's headline figures as a Markdown table."""
+    columns = [
+        "model",
+        "forget_ppl",
+        "retain_ppl",
+        "held_out_ppl",
+        "mia_auc_loss",
+        "mia_auc_mink",
+        "pii_recall",
+        "forget_gap_closed",
+        "kl_to_retrain_forget",
+    ]
+    rows = [{"model": name, **figures[name]} for name in MODELS]
+    for row in rows:
+        for column in columns:
+            row.setdefault(column, "")
+    return markdown_table(rows, columns)
+
+
+def _write_report(output: pathlib.Path, figures, scores) -> None:
+    (output / "report.json").write_text(json.dumps(figures, indent=2))
+    plot_forget_losses(
+        output / "forget_losses.png",
+        {name: np.asarray(figures["per_example"][name]["forget_losses"]) for name in MODELS},
+        title="Per-example forget losses (mean response-token NLL)",
+    )
+    member = {name: -scores[name][0].losses for name in MODELS}
+    nonmember = {name: -scores[name][1].losses for name in MODELS}
+    plot_score_histograms(
+        output / "mia_loss_scores.png", member, nonmember, score_name="LOSS score (−ℓ)"
+    )
+    cost, checks = figures["cost"], figures["checks"]
+    lines = [
+        "# jaxunlearn demo: LLMEraser against retraining",
+        "",
+        f"Data: {figures['data']['train_examples']} training examples; forget set "
+        f"{figures['data']['forget_examples']} examples of {figures['data']['forget_people']} "
+        f"people; held-out {figures['data']['held_out_examples']} examples. Scored: "
+        f"{SCORED_TOKENS}.",
+        "",
+        summary_table(figures),
+        "",
+        "## Cost",
+        "",
+        f"- Retrain: {cost['retrain_seconds']:.1f} s. Unlearning request: "
+        f"{cost['unlearn_seconds']:.2f} s ({100 * cost['unlearn_over_retrain']:.1f}% of the "
+        f"retrain) after a one-off preparation of {cost['prepare_seconds']:.1f} s "
+        f"({100 * cost['unlearn_and_prepare_over_retrain']:.1f}% with it).",
+        f"- Gradient FLOPs: unlearning {cost['unlearn_gradient_flops']:.3g}, retrain "
+        f"{cost['retrain_gradient_flops']:.3g} "
+        f"({100 * cost['unlearn_flops_over_retrain']:.2f}%).",
+        f"- Damping λ = {cost['damping']:.3g} (largest curvature eigenvalue estimate "
+        f"{cost['spectrum_largest']:.3g}).",
+        "",
+        "## Checks",
+        "",
+        *[f"- {name}: {value}" for name, value in checks.items()],
+        "",
+        "![forget losses](forget_losses.png)",
+        "![MIA scores](mia_loss_scores.png)",
+        "",
+    ]
+    (output / "report.md").write_text("\n".join(lines))
