@@ -251,12 +251,14 @@ def run_layers(
     """Runs decoder layers called as `layer(hidden, *layer_args, layer_cache)`.
 
     Each layer returns `(hidden, (keys, values) or None)`; with `remat`, each is rematerialised
-    in the backward pass (`nnx.remat`).
+    in the backward pass (`nnx.remat`). Calls with a cache (generation) never rematerialise:
+    nothing is differentiated there, and `nnx.remat` inside the decoding loop fails to trace.
 
     Returns:
         The last hidden states and, with `cache`, the cache holding the new tokens too.
     """
     new_keys, new_values = [], []
+    remat = remat and cache is None
     for i, layer in enumerate(layers):
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
         call = nnx.remat(type(layer).__call__) if remat else type(layer).__call__
