@@ -318,6 +318,18 @@ class Spectrum(NamedTuple):
     ritz_values: tuple[float, ...]
     num_steps: int
 
+    @classmethod
+    def of(cls, pairs: kernels.Eigenpairs, num_steps: int, /) -> Spectrum:
+        """The estimate given by a Lanczos run of `num_steps` steps.
+
+        Raises:
+            FloatingPointError: If a Ritz value is not finite.
+        """
+        values = tuple(float(value) for value in np.asarray(pairs.eigenvalues))
+        if not all(math.isfinite(value) for value in values):
+            raise FloatingPointError(f"The curvature's Ritz values are not finite: {values}.")
+        return cls(max(values), min(values), values, num_steps)
+
 
 def estimate_spectrum(
     matvec: Callable[[Tree], Tree], like: Tree, /, *, num_steps: int = 20, key: jax.Array
@@ -333,10 +345,7 @@ def estimate_spectrum(
     num_steps = min(num_steps, sum(leaf.size for leaf in jax.tree.leaves(like)))
     start = kernels.tree_random_normal_like(key, like)
     pairs = jitted_lanczos(matvec, start, num_steps=num_steps, key=key)
-    values = tuple(float(value) for value in np.asarray(pairs.eigenvalues))
-    if not all(math.isfinite(value) for value in values):
-        raise FloatingPointError(f"The curvature's Ritz values are not finite: {values}.")
-    return Spectrum(max(values), min(values), values, num_steps)
+    return Spectrum.of(pairs, num_steps)
 
 
 def choose_damping(spectrum: Spectrum, /, *, relative: float = 1e-3) -> float:

@@ -264,7 +264,7 @@ def prepare_llmeraser(
     sample = np.sort(rng.choice(n, min(settings.sample_size, n), replace=False))
     preparation = Preparation(
         settings=settings,
-        adapter_digest=tree_digest(lora),
+        adapter_digest=_tree_digest(lora),
         data_digest=_data_digest(data),
         num_examples=n,
         sample_indices=sample,
@@ -282,10 +282,7 @@ def prepare_llmeraser(
         pairs = curvature.jitted_lanczos(
             operator, start, num_steps=settings.rank, key=jax.random.fold_in(key, 1)
         )
-        values = tuple(float(value) for value in np.asarray(pairs.eigenvalues))
-        if not all(math.isfinite(value) for value in values):
-            raise FloatingPointError(f"The curvature's Ritz values are not finite: {values}.")
-        spectrum = curvature.Spectrum(max(values), min(values), values, settings.rank)
+        spectrum = curvature.Spectrum.of(pairs, settings.rank)
         preparation.eigenpairs = pairs
     elif settings.damping is None or settings.solver in ("lissa", "sgd"):
         # Needed for the damping rule, LiSSA's scale and the SGD step size.
@@ -567,7 +564,7 @@ def _length_sorted_batches(
     ]
 
 
-def tree_digest(tree) -> str:
+def _tree_digest(tree) -> str:
     """SHA-256 of a tree's arrays (shapes, dtypes and bytes, in leaf order)."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
@@ -587,7 +584,7 @@ def _check_preparation(preparation: Preparation, lora, data: TokenizedDataset) -
         raise PreparationMismatchError(
             "The preparation was computed on another training set (its example ids differ)."
         )
-    if preparation.adapter_digest != tree_digest(lora):
+    if preparation.adapter_digest != _tree_digest(lora):
         # Reusing curvature after an earlier update is what LLMEraser does for a stream of
         # requests; the difference is second order in the earlier update.
         logger.info("Reusing a preparation computed at an earlier version of this adapter.")
