@@ -140,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--learning-rate", type=float, default=2e-4)
     finetune.add_argument("--warmup-steps", type=int, default=0)
     finetune.add_argument("--weight-decay", type=float, default=0.0)
+    finetune.add_argument(
+        "--l2-regularization",
+        type=float,
+        default=0.0,
+        help="μ of an L2 penalty (μ/2)‖Θ‖² in the objective (unlearn reads it back)",
+    )
     finetune.add_argument("--max-grad-norm", type=float, default=1.0)
     finetune.add_argument("--eval-every", type=int, default=50)
     finetune.add_argument("--checkpoint-every", type=int, default=50)
@@ -207,6 +213,17 @@ def _parser() -> argparse.ArgumentParser:
     eraser.add_argument("--rank", type=int, help="eigenpairs of the lowrank solver")
     eraser.add_argument("--spectrum-steps", type=int, help="Lanczos steps of the damping choice")
     eraser.add_argument("--max-steps", type=int, help="iterations of cg, lissa and sgd")
+    eraser.add_argument(
+        "--l2-regularization",
+        type=float,
+        help="μ of the fine-tune's L2 penalty (default: the adapter's train_config, else 0)",
+    )
+    eraser.add_argument(
+        "--leave-out-request",
+        action="store_true",
+        default=None,
+        help="take the curvature without the request's examples (cg, lissa, sgd)",
+    )
     eraser.add_argument("--seed", type=int)
     unlearn.add_argument(
         "--json", action="store_true", help="print a JSON summary to stdout (messages to stderr)"
@@ -324,6 +341,7 @@ def _finetune(options) -> int:
         grad_accumulation=options.grad_accumulation,
         max_grad_norm=options.max_grad_norm,
         weight_decay=options.weight_decay,
+        l2_regularization=options.l2_regularization,
         eval_every=options.eval_every,
         checkpoint_every=options.checkpoint_every,
         seed=options.seed,
@@ -455,6 +473,10 @@ def _unlearn(options) -> int:
         lora_settings = lora_settings_of(model)
 
     _check_trained_on(examples, metadata, options)
+    if options.l2_regularization is None:
+        # The penalty the adapter was trained with is part of the objective LLMEraser inverts.
+        trained_with = metadata.get("train_config", {}).get("l2_regularization", 0.0)
+        settings = dataclasses.replace(settings, l2_regularization=float(trained_with))
     tokenization = metadata.get("tokenization", {})
     max_length = (
         options.max_length or tokenization.get("max_length") or model.config.max_position_embeddings
@@ -552,6 +574,8 @@ def _eraser_settings(options):
         "rank",
         "spectrum_steps",
         "max_steps",
+        "l2_regularization",
+        "leave_out_request",
         "seed",
     )
     given = {name: getattr(options, name) for name in names if getattr(options, name) is not None}

@@ -280,17 +280,32 @@ def stochastic_curvature(
 
 
 @functools.cache
-def _stochastic_product(graphdef: nnx.GraphDef, batch_size: int, kind: str):
-    # One function object per static setting, so jitted solvers taking the operator as an
-    # argument compile once per setting.
+def batch_product(graphdef: nnx.GraphDef, kind: CurvatureKind) -> Callable[..., Tree]:
+    """`(lora, base, batch, v) ↦ C_batch v`, linearizing afresh on every call.
+
+    What one product of a stochastic solver computes; also what a fixed-sample product costs
+    at most (that one reuses its saved linearization), for cost accounting.
+    """
+    _check_kind(kind)
     loss = objective(graphdef)
 
-    def product(lora: Tree, base: Tree, pool: Batch, v: Tree, key: jax.Array) -> Tree:
-        rows = jax.random.choice(key, pool.input_ids.shape[0], (batch_size,), replace=False)
-        batch = Batch(*(field[rows] for field in pool))
+    def product(lora: Tree, base: Tree, batch: Batch, v: Tree) -> Tree:
         if kind == "hessian":
             return kernels.hvp(loss, lora, v, base, batch)
         return _gauss_newton_product(lora, base, batch, v, graphdef=graphdef)
+
+    return product
+
+
+@functools.cache
+def _stochastic_product(graphdef: nnx.GraphDef, batch_size: int, kind: str):
+    # One function object per static setting, so jitted solvers taking the operator as an
+    # argument compile once per setting.
+    on_batch = batch_product(graphdef, kind)
+
+    def product(lora: Tree, base: Tree, pool: Batch, v: Tree, key: jax.Array) -> Tree:
+        rows = jax.random.choice(key, pool.input_ids.shape[0], (batch_size,), replace=False)
+        return on_batch(lora, base, Batch(*(field[rows] for field in pool)), v)
 
     return product
 

@@ -77,6 +77,11 @@ class TrainConfig:
         grad_accumulation: Micro-batches whose gradients are averaged into one step.
         max_grad_norm: Global-norm clipping threshold applied before AdamW.
         weight_decay: Decoupled weight decay of AdamW.
+        l2_regularization: μ of an L2 penalty (μ/2)‖Θ‖² on the trained parameters, added to
+            the mean loss (so it is part of the objective and of its gradient, unlike AdamW's
+            decoupled decay). A fine-tune that minimizes a penalized objective is what
+            influence-function unlearning assumes: pass the same μ to LLMEraser
+            (`EraserSettings.l2_regularization`).
         eval_every: Steps between evaluations of `eval_data` (also evaluated at the end).
         checkpoint_every: Steps between checkpoints (a checkpoint is also written at the end).
         keep_checkpoints: How many of the newest checkpoints to keep.
@@ -93,6 +98,7 @@ class TrainConfig:
     grad_accumulation: int = 1
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
+    l2_regularization: float = 0.0
     eval_every: int = 50
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
@@ -106,10 +112,10 @@ class TrainConfig:
                 raise ValueError(
                     f"TrainConfig.{name} must be a positive finite number, got {value!r}."
                 )
-        if not _is_real(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
-            raise ValueError(
-                f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}."
-            )
+        for name in ("weight_decay", "l2_regularization"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 <= value < math.inf:
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}.")
         for name in (
             "num_steps",
             "batch_size",
@@ -340,6 +346,7 @@ class _OptimizerSettings(NamedTuple):
     num_steps: int
     max_grad_norm: float
     weight_decay: float
+    l2_regularization: float
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> _OptimizerSettings:
@@ -349,6 +356,7 @@ class _OptimizerSettings(NamedTuple):
             int(config.num_steps),
             float(config.max_grad_norm),
             float(config.weight_decay),
+            float(config.l2_regularization),
         )
 
 
@@ -415,6 +423,12 @@ def _train_step(
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda total: total / count, grad_sum)
         loss = loss_sum / count
+    if settings.l2_regularization:
+        # The penalty's gradient μΘ joins the loss's before clipping: one objective. The logged
+        # loss stays the data loss, comparable across settings.
+        grads = jax.tree.map(
+            lambda g, p: g + settings.l2_regularization * p.astype(g.dtype), grads, params
+        )
     updates, opt_state = _optimizer(settings).update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {

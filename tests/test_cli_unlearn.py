@@ -17,7 +17,13 @@ from flax import nnx
 from tiny_assets import make_tiny_checkpoint
 
 import kernels
-from jaxunlearn.adapter import LoraSettings, attach_lora, load_lora, save_lora
+from jaxunlearn.adapter import (
+    LoraSettings,
+    attach_lora,
+    load_lora,
+    read_lora_settings,
+    save_lora,
+)
 from jaxunlearn.cli import main
 from jaxunlearn.data import load_examples
 from jaxunlearn.models import load, load_peft_adapter, save_peft_adapter, split_lora
@@ -351,3 +357,27 @@ def test_demo_json_is_the_figures_without_per_example_values(
     assert figures["unlearned"] == FAKE_FIGURES["unlearned"]
     assert figures["cost"]["spectrum_smallest"] is None  # NaN is not JSON
     assert "Fine-tuning LoRA" in captured.err
+
+
+def test_the_penalty_is_read_from_the_adapter_and_a_flag_overrides_it(assets, tmp_path):
+    """The fine-tune's L2 penalty is part of the objective: unlearn takes it from train_config."""
+    model = load(assets["model"])
+    load_lora(model, assets["adapter"])
+    lora_settings, _ = read_lora_settings(assets["adapter"])
+    ids = [example.id for example in load_examples(assets["data"])]
+    penalized = tmp_path / "penalized"
+    description = {"example_ids": ids, "train_config": {"l2_regularization": 0.25}}
+    save_lora(model, penalized, settings=lora_settings, description=description)
+    recorded = {}
+    for name, flags in (("read", ["--leave-out-request"]), ("flag", ["--l2-regularization", "0"])):
+        ledger = tmp_path / f"{name}.jsonl"
+        arguments = unlearn_arguments(
+            assets, "--forget", ",".join(FORGET), out=tmp_path / name, adapter=penalized
+        )
+        assert main([*arguments, *flags, "--ledger", str(ledger)]) == 0
+        (entry,) = Ledger(ledger).entries()
+        recorded[name] = entry.settings
+    assert recorded["read"]["l2_regularization"] == 0.25
+    assert recorded["read"]["leave_out_request"] is True
+    assert recorded["flag"]["l2_regularization"] == 0.0
+    assert recorded["flag"]["leave_out_request"] is False

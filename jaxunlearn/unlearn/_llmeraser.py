@@ -11,6 +11,15 @@ removal. `mode="newton"` instead takes one Newton step on the objective after th
 a minimum; ∇R_after comes from the full-data gradient (prepared once) minus the request's own
 gradients, so a request still costs only its own examples.
 
+When the fine-tune minimized a penalized objective, mean loss + (μ/2)‖Θ‖²
+(`TrainConfig.l2_regularization`), the penalty is part of the objective: its curvature μI joins
+C and its gradient μΘ joins the Newton step's.
+
+`leave_out_request=True` takes C over the examples the request leaves untouched instead of the
+whole training set: the curvature of the objective after the request, at which the influence of
+a removed group is better estimated (the group-influence correction of Koh et al. 2019 and Basu
+et al. 2020). Otherwise the removed examples' own curvature holds the update back.
+
 Everything that does not depend on the request is computed once by `prepare_llmeraser` and
 reused: the curvature sample, the damping (from a Lanczos estimate of the spectrum), the
 low-rank eigenbasis, the full-data gradient. `save_preparation` / `load_preparation` keep it
@@ -87,7 +96,11 @@ class EraserSettings:
             most negative eigenvalue, which shrinks the update: on the embedded default the
             Hessian needed λ ≈ 0.27 against λ ≈ 0.01 for Gauss-Newton).
         damping: λ; `None` chooses it as `relative_damping · λ_max + max(0, −λ_min)` from a
-            Lanczos estimate of the spectrum of the fixed sample's curvature.
+            Lanczos estimate of the spectrum of the fixed sample's curvature. May be 0 when
+            `l2_regularization` is positive (the penalty's curvature μI then keeps the solve
+            well-posed).
+        l2_regularization: μ of the fine-tune's L2 penalty (`TrainConfig.l2_regularization`);
+            0 for a fine-tune without one. The solves use C + (μ + λ)I.
         relative_damping: The fraction of λ_max used when `damping` is None.
         sample_size: Examples in the fixed curvature sample (cg, lowrank, the spectrum, the
             sgd selection criterion); the whole dataset when it is smaller.
@@ -100,6 +113,10 @@ class EraserSettings:
         learning_rate: Adam's learning rate for `"sgd"`, in units of the RMS coordinate of
             b / λ_max (one gradient-descent step on the quadratic), so the setting does not
             depend on the scale of the gradients or the number of adapter parameters.
+        leave_out_request: Leave the examples the request touches out of the curvature (the
+            fixed sample of cg and of sgd's selection, the mini-batch pool of lissa and sgd):
+            the curvature after the request. Not available with `"lowrank"`, whose eigenbasis
+            is prepared before any request.
         seed: Seeds the curvature sample, the Lanczos start vectors and the mini-batches.
     """
 
@@ -107,6 +124,7 @@ class EraserSettings:
     mode: Literal["influence", "newton"] = "influence"
     curvature: curvature.CurvatureKind = "gauss_newton"
     damping: float | None = None
+    l2_regularization: float = 0.0
     relative_damping: float = 1e-2
     sample_size: int = 128
     batch_size: int = 32
@@ -115,6 +133,7 @@ class EraserSettings:
     rank: int = 32
     spectrum_steps: int = 20
     learning_rate: float = 1.0
+    leave_out_request: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -126,12 +145,27 @@ class EraserSettings:
             raise ValueError(
                 f"curvature must be one of {curvature.CURVATURE_KINDS}, got {self.curvature!r}."
             )
-        if self.damping is not None and not (math.isfinite(self.damping) and self.damping > 0):
-            raise ValueError(f"damping must be a positive finite number, got {self.damping!r}.")
+        if not (math.isfinite(self.l2_regularization) and self.l2_regularization >= 0):
+            raise ValueError(
+                f"l2_regularization must be a finite number >= 0, got {self.l2_regularization!r}."
+            )
+        if self.damping is not None:
+            if not (math.isfinite(self.damping) and self.damping >= 0):
+                raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}.")
+            if self.damping == 0 and self.l2_regularization == 0:
+                raise ValueError(
+                    "damping 0 needs l2_regularization > 0: without a penalty nothing keeps "
+                    "the solve well-posed."
+                )
         for name in ("relative_damping", "tol", "learning_rate"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+        if self.leave_out_request and self.solver == "lowrank":
+            raise ValueError(
+                "leave_out_request needs solver 'cg', 'lissa' or 'sgd': the lowrank eigenbasis "
+                "is prepared before any request, over the whole curvature sample."
+            )
         for name in ("sample_size", "batch_size", "max_steps", "rank", "spectrum_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -139,7 +173,15 @@ class EraserSettings:
 
     def preparation_key(self) -> dict[str, Any]:
         """The settings a preparation depends on (the rest may change between requests)."""
-        keys = ("curvature", "damping", "relative_damping", "sample_size", "spectrum_steps", "seed")
+        keys = (
+            "curvature",
+            "damping",
+            "l2_regularization",
+            "relative_damping",
+            "sample_size",
+            "spectrum_steps",
+            "seed",
+        )
         prepared = {name: getattr(self, name) for name in keys}
         prepared["rank"] = self.rank if self.solver == "lowrank" else None
         return prepared
@@ -175,6 +217,11 @@ class Preparation:
     seconds: float
     # The linearized curvature of the sample, rebuilt on demand and never saved.
     _operator: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def shift(self) -> float:
+        """What the solves add to the curvature: μ + λ (the penalty's and the damping's)."""
+        return self.settings.l2_regularization + self.damping
 
     def operator(self, graphdef, lora, base, data: TokenizedDataset):
         """The fixed-sample curvature operator v ↦ Cv (linearized on first use)."""
@@ -297,10 +344,11 @@ def prepare_llmeraser(
         else curvature.choose_damping(spectrum, relative=settings.relative_damping)
     )
     preparation.spectrum, preparation.damping = spectrum, damping
-    if preparation.eigenpairs is not None and spectrum.smallest + damping <= 0:
+    if preparation.eigenpairs is not None and spectrum.smallest + preparation.shift <= 0:
         raise kernels.SolverError(
             f"The low-rank eigenbasis has an eigenvalue {spectrum.smallest:.3g} below "
-            f"−λ = {-damping:.3g}; raise the damping or use the Gauss-Newton curvature."
+            f"−(μ + λ) = {-preparation.shift:.3g}; raise the damping or use the Gauss-Newton "
+            "curvature."
         )
     if settings.mode == "newton":
         preparation.full_gradient = curvature.objective_gradient(
@@ -392,13 +440,20 @@ def llmeraser(
         edited = _length_sorted_batches(edited_data, np.arange(len(edited_data)), batch_size)
     # Compilation is reported apart from the request's cost (metrics.md, "Cost"): the first
     # request on a new batch shape compiles, later ones reuse the executable.
+    left_out = resolved.indices if settings.leave_out_request else np.zeros((0,), np.int64)
     compiling = time.perf_counter()
     curvature.warm_up_gradient(graphdef, lora, base, affected + edited)
     if settings.solver == "lowrank":
         _lowrank_apply(preparation, kernels.tree_zeros_like(lora))
+    elif settings.solver == "cg":
+        # A zero right-hand side compiles the loop and returns at once.
+        operator = _curvature_operator(settings, preparation, left_out, graphdef, lora, base, data)
+        zero = kernels.tree_zeros_like(lora)
+        _solve(settings, preparation, zero, operator, left_out, graphdef, lora, base, data)
     compile_seconds = time.perf_counter() - compiling
 
     started = time.perf_counter()
+    operator = _curvature_operator(settings, preparation, left_out, graphdef, lora, base, data)
     change = curvature.objective_gradient(graphdef, lora, base, affected)
     if edited:
         change = kernels.tree_sub(
@@ -409,10 +464,13 @@ def llmeraser(
         rhs = kernels.tree_scale(1.0 / n, change)
         sign = 1.0
     else:
-        # ∇R_after = (Σ_all G − Σ_S [G(z) − G(z_δ)]) / n_after; the step is −(C + λI)⁻¹ ∇R_after.
+        # ∇R_after = (Σ_all G − Σ_S [G(z) − G(z_δ)]) / n_after + μΘ̂; the step is
+        # −(C + (μ + λ)I)⁻¹ ∇R_after.
         rhs = kernels.tree_scale(1.0 / n_after, kernels.tree_sub(preparation.full_gradient, change))
+        if settings.l2_regularization:
+            rhs = kernels.tree_add_scaled(rhs, settings.l2_regularization, lora)
         sign = -1.0
-    solution = _solve(settings, preparation, rhs, graphdef, lora, base, data)
+    solution = _solve(settings, preparation, rhs, operator, left_out, graphdef, lora, base, data)
     solution.check()
     update = kernels.tree_scale(sign, solution.x)
     update_norm = float(kernels.tree_norm(update))
@@ -422,10 +480,11 @@ def llmeraser(
     jax.block_until_ready(new_lora)
     seconds = time.perf_counter() - started
     nnx.update(model, new_lora)
+    penalty = f", μ={settings.l2_regularization:.3g}" if settings.l2_regularization else ""
     message = (
         f"LLMEraser ({settings.mode}, {settings.solver}, {settings.curvature}, "
-        f"λ={preparation.damping:.3g}) applied a {resolved.kind} of {len(resolved.affected)} "
-        f"examples in {seconds:.2f} s: ‖ΔΘ‖ = {update_norm:.4g}, solver "
+        f"λ={preparation.damping:.3g}{penalty}) applied a {resolved.kind} of "
+        f"{len(resolved.affected)} examples in {seconds:.2f} s: ‖ΔΘ‖ = {update_norm:.4g}, solver "
         f"{kernels.Status(int(solution.status)).name.lower()} after {int(solution.steps)} steps."
     )
     return EraserResult(
@@ -444,11 +503,36 @@ def llmeraser(
 
 
 # Settings that a preparation fixes: a request made with a preparation uses the preparation's.
-_PREPARED_FIELDS = ("curvature", "damping", "relative_damping", "sample_size", "spectrum_steps")
+_PREPARED_FIELDS = (
+    "curvature",
+    "damping",
+    "l2_regularization",
+    "relative_damping",
+    "sample_size",
+    "spectrum_steps",
+)
 
 
-def _solve(settings, preparation, rhs, graphdef, lora, base, data) -> kernels.Solution:
-    damping = preparation.damping
+def _curvature_operator(settings, preparation, left_out, graphdef, lora, base, data):
+    """The fixed-sample operator, over the sample less `left_out` (None for lowrank)."""
+    if settings.solver == "lowrank":
+        return None
+    if not len(left_out):
+        return preparation.operator(graphdef, lora, base, data)
+    kept = np.setdiff1d(preparation.sample_indices, left_out)
+    if not kept.size:
+        raise ValueError(
+            "The request touches every example of the curvature sample; nothing is left to "
+            "take the curvature over (raise sample_size or set leave_out_request=False)."
+        )
+    batches = _length_sorted_batches(data, kept, settings.batch_size)
+    return curvature.fixed_curvature(graphdef, lora, base, batches, kind=settings.curvature)
+
+
+def _solve(
+    settings, preparation, rhs, operator, left_out, graphdef, lora, base, data
+) -> kernels.Solution:
+    damping = preparation.shift
     key = jax.random.fold_in(jax.random.key(settings.seed), 3)
     if settings.solver == "lowrank":
         x = _lowrank_apply(preparation, rhs)
@@ -459,12 +543,12 @@ def _solve(settings, preparation, rhs, graphdef, lora, base, data) -> kernels.So
             jnp.asarray(kernels.Status.CONVERGED),
         )
     if settings.solver == "cg":
-        operator = preparation.operator(graphdef, lora, base, data)
         return curvature.jitted_cg(
             operator, rhs, damping=damping, tol=settings.tol, max_steps=settings.max_steps
         )
-    pool = data.batch(np.arange(len(data)))
-    batch_size = min(settings.batch_size, len(data))
+    drawn = np.setdiff1d(np.arange(len(data)), left_out)
+    pool = data.batch(drawn)
+    batch_size = min(settings.batch_size, len(drawn))
     stochastic = curvature.stochastic_curvature(
         graphdef, lora, base, pool, batch_size=batch_size, kind=settings.curvature
     )
@@ -479,14 +563,12 @@ def _solve(settings, preparation, rhs, graphdef, lora, base, data) -> kernels.So
             max_steps=settings.max_steps,
             key=key,
         )
-    return _sgd_with_selection(
-        settings, preparation, rhs, stochastic, largest, key, graphdef, lora, base, data
-    )
+    return _sgd_with_selection(settings, preparation, rhs, stochastic, largest, key, operator)
 
 
 def _lowrank_apply(preparation: Preparation, rhs):
     pairs = preparation.eigenpairs
-    x = _jitted_lowrank(pairs.eigenvalues, pairs.eigenvectors, preparation.damping, rhs)
+    x = _jitted_lowrank(pairs.eigenvalues, pairs.eigenvectors, preparation.shift, rhs)
     return jax.block_until_ready(x)
 
 
@@ -496,7 +578,7 @@ def _jitted_lowrank(eigenvalues, eigenvectors, damping, rhs):
 
 
 def _sgd_with_selection(
-    settings, preparation, rhs, stochastic, largest, key, graphdef, lora, base, data
+    settings, preparation, rhs, stochastic, largest, key, operator
 ) -> kernels.Solution:
     """The paper's solver: Adam on the quadratic, keeping the iterate with the lowest value of
     the quadratic on the fixed sample (a criterion the mini-batches did not draw from alone)."""
@@ -508,12 +590,11 @@ def _sgd_with_selection(
     step_size = float(kernels.tree_norm(rhs)) / math.sqrt(size) / largest
     learning_rate = settings.learning_rate * step_size
     solver = kernels.sgd_quadratic_solver(
-        stochastic, damping=preparation.damping, optimizer=optax.adam(learning_rate), key=key
+        stochastic, damping=preparation.shift, optimizer=optax.adam(learning_rate), key=key
     )
-    operator = preparation.operator(graphdef, lora, base, data)
 
     def quadratic(x):
-        curved = kernels.tree_add_scaled(operator(x), preparation.damping, x)
+        curved = kernels.tree_add_scaled(operator(x), preparation.shift, x)
         return 0.5 * kernels.tree_vdot(x, curved) - kernels.tree_vdot(rhs, x)
 
     checkpoints = max(1, min(settings.max_steps, 5))
@@ -523,7 +604,7 @@ def _sgd_with_selection(
     for _ in range(checkpoints):
         state = _sgd_segment(
             stochastic,
-            preparation.damping,
+            preparation.shift,
             key,
             state,
             steps=per_segment,

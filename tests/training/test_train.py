@@ -116,6 +116,55 @@ def test_gradient_accumulation_equals_one_big_batch():
             np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * change)
 
 
+def test_l2_regularization_is_part_of_the_objective():
+    """Two steps with the penalty equal AdamW on the gradient of mean loss + (μ/2)‖Θ‖²."""
+    import jax
+    import optax
+
+    from jaxunlearn.batch import mean_loss
+
+    data, mu, learning_rate = FakeDataset(8, seed=2), 0.5, 1e-2
+    config = TrainConfig(
+        learning_rate=learning_rate, num_steps=2, batch_size=8, l2_regularization=mu
+    )
+    trained = tiny_lora_model()
+    finetune(trained, data, config=config, progress=False)
+
+    # Each step holds all 8 examples, so the mean loss is the same whatever their order.
+    model = tiny_lora_model()
+    graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
+    batch = data.batch(np.arange(8), batch_size=8)
+
+    def objective(params, penalty):
+        merged = nnx.merge(graphdef, params, rest)
+        loss = mean_loss(merged(batch.input_ids, batch.attention_mask), batch)
+        return loss + 0.5 * penalty * optax.tree.norm(params, squared=True)
+
+    def replay(penalty):
+        schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, 0, 2)
+        optimizer = optax.chain(
+            optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0)
+        )
+        state, current = optimizer.init(params), params
+        for _ in range(2):
+            grads = jax.grad(objective)(current, penalty)
+            updates, state = optimizer.update(grads, state, current)
+            current = optax.apply_updates(current, updates)
+        return [np.asarray(leaf) for leaf in jax.tree.leaves(current)]
+
+    got = lora_arrays(trained)
+    penalized, plain = replay(mu), replay(0.0)
+    initial = lora_arrays(tiny_lora_model())
+    change = max(np.max(np.abs(a - b)) for a, b in zip(penalized, initial, strict=True))
+    # As in the gradient-accumulation test: Adam divides each coordinate by its own gradient
+    # scale, so float32 rounding of tiny coordinates shows up at ~1e-5 of the training move.
+    for g, want in zip(got, penalized, strict=True):
+        np.testing.assert_allclose(g, want, rtol=0, atol=2e-4 * change)
+    # The penalty moved the adapter by far more than that tolerance.
+    difference = max(np.max(np.abs(a - b)) for a, b in zip(penalized, plain, strict=True))
+    assert difference > 0.05 * change
+
+
 # Runs RESUME_CONFIG and hangs right after writing checkpoint 4, until the parent kills it.
 _KILLED_RUN = textwrap.dedent(
     """
@@ -245,6 +294,8 @@ def test_resume_checks_the_run_and_refuses_to_overwrite(tmp_path, caplog):
         ("grad_accumulation", 1.5),
         ("max_grad_norm", 0),
         ("weight_decay", -0.1),
+        ("l2_regularization", -1e-3),
+        ("l2_regularization", float("inf")),
         ("eval_every", 0),
         ("checkpoint_every", True),
         ("keep_checkpoints", 0),

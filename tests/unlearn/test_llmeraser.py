@@ -58,17 +58,24 @@ def _lora_flat(model, dense):
     return dense.to_flat(curvature.split_for_curvature(model)[1])
 
 
-def _removal_reference(model, data, curvature_kind, damping, mode="influence"):
+def _removal_reference(
+    model, data, curvature_kind, damping, mode="influence", *, l2=0.0, leave_out=False
+):
+    """The update from dense matrices: the curvature over every example (or, with `leave_out`,
+    over the retained ones), shifted by the penalty's μ and the damping λ."""
     dense = DenseObjective(model, data)
-    matrix = dense.hessian() if curvature_kind == "hessian" else dense.gauss_newton()
     forget = [data.index_of(i) for i in FORGET]
+    retained = [i for i in range(len(data)) if i not in forget]
+    curved = DenseObjective(model, data, retained) if leave_out else dense
+    matrix = curved.hessian() if curvature_kind == "hessian" else curved.gauss_newton()
     forget_sum = len(forget) * DenseObjective(model, data, forget).gradient()
     n = len(data)
-    system = matrix + damping * np.eye(matrix.shape[0])
+    system = matrix + (l2 + damping) * np.eye(matrix.shape[0])
     if mode == "influence":
         return dense, np.linalg.solve(system, forget_sum / n)
     full_sum = n * dense.gradient()
-    return dense, -np.linalg.solve(system, (full_sum - forget_sum) / (n - len(forget)))
+    after = (full_sum - forget_sum) / (n - len(forget)) + l2 * dense.flat
+    return dense, -np.linalg.solve(system, after)
 
 
 @pytest.mark.parametrize(
@@ -91,6 +98,32 @@ def test_removal_update_equals_the_dense_solve(curvature_kind, mode):
     # Θ_new − Θ̂ is the update up to the rounding of one addition.
     np.testing.assert_allclose(_lora_flat(model, dense) - before, update, rtol=1e-9, atol=1e-15)
     assert result.update_norm == pytest.approx(np.linalg.norm(reference), rel=RTOL)
+
+
+@pytest.mark.parametrize(
+    ("mode", "l2", "damping", "leave_out"),
+    [
+        ("newton", 0.3, 0.0, False),
+        ("influence", 0.3, 0.02, True),
+        ("newton", 0.3, 0.0, True),
+    ],
+)
+def test_penalty_and_left_out_curvature_match_the_dense_solve(mode, l2, damping, leave_out):
+    """μ joins the curvature and the Newton gradient; leave_out_request drops the request's
+    examples from the curvature."""
+    model = tiny_lora_model(seed=2, dtype=jnp.float64)
+    examples, data = random_examples(NUM_EXAMPLES, seed=2)
+    dense, reference = _removal_reference(
+        model, data, "gauss_newton", damping, mode, l2=l2, leave_out=leave_out
+    )
+    settings = _exact(mode=mode, damping=damping, l2_regularization=l2, leave_out_request=leave_out)
+    result = llmeraser(model, Removal(FORGET), examples=examples, data=data, settings=settings)
+    assert int(result.solution.status) == kernels.Status.CONVERGED
+    update = dense.to_flat(result.update)
+    np.testing.assert_allclose(update, reference, rtol=0, atol=RTOL * np.abs(reference).max())
+    # Each ingredient changes the answer by far more than the tolerance.
+    _, without = _removal_reference(model, data, "gauss_newton", damping + l2, mode)
+    assert np.abs(without - reference).max() > 100 * RTOL * np.abs(reference).max()
 
 
 def test_removal_raises_the_forget_loss():
@@ -271,6 +304,13 @@ def test_settings_are_checked():
         EraserSettings(damping=-1.0)
     with pytest.raises(ValueError, match="rank"):
         EraserSettings(rank=0)
+    with pytest.raises(ValueError, match="l2_regularization"):
+        EraserSettings(l2_regularization=-1e-3)
+    with pytest.raises(ValueError, match="damping 0 needs l2_regularization"):
+        EraserSettings(damping=0.0)
+    with pytest.raises(ValueError, match="leave_out_request needs"):
+        EraserSettings(solver="lowrank", leave_out_request=True)
+    assert EraserSettings(damping=0.0, l2_regularization=1e-2).damping == 0.0
 
 
 def test_an_edit_needs_the_tokenizer():
