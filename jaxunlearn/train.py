@@ -157,6 +157,9 @@ class TrainHistory:
         eval_steps: The steps after which `eval_data` was evaluated.
         eval_losses: The mean loss over `eval_data` at those steps.
         wall_seconds: Wall-clock time of the `finetune` call that returned this history.
+        compile_seconds: The part of `wall_seconds` spent compiling the training step (once per
+            batch shape, ahead of the step's first run), so that a cost can be compared after
+            compilation.
         resumed_from: The checkpoint step this call started from, `None` for a fresh start.
     """
 
@@ -168,6 +171,7 @@ class TrainHistory:
     eval_steps: list[int] = dataclasses.field(default_factory=list)
     eval_losses: list[float] = dataclasses.field(default_factory=list)
     wall_seconds: float = 0.0
+    compile_seconds: float = 0.0
     resumed_from: int | None = None
 
 
@@ -273,19 +277,24 @@ def finetune(
     bar = tqdm(
         total=config.num_steps, initial=step, disable=not progress, desc="finetune", unit="step"
     )
+    compiled_shapes: set[tuple[tuple[int, ...], ...]] = set()
     try:
         tick = time.perf_counter()
         while step < config.num_steps:
             batches, tokens = _step_batches(train_data, order.indices(step), config)
+            arguments = (params, opt_state, frozen, batches, rng_data, jnp.asarray(step, jnp.int32))
+            shapes = tuple(np.shape(leaf) for leaf in jax.tree.leaves(batches))
+            if shapes not in compiled_shapes:
+                # Compiled ahead of its first run (the call below reuses the executable), so
+                # that compilation is timed apart from training.
+                compiling = time.perf_counter()
+                _train_step.lower(*arguments, graphdef=graphdef, settings=settings).compile()
+                compile_seconds = time.perf_counter() - compiling
+                history.compile_seconds += compile_seconds
+                tick += compile_seconds
+                compiled_shapes.add(shapes)
             params, opt_state, metrics = _train_step(
-                params,
-                opt_state,
-                frozen,
-                batches,
-                rng_data,
-                jnp.asarray(step, jnp.int32),
-                graphdef=graphdef,
-                settings=settings,
+                *arguments, graphdef=graphdef, settings=settings
             )
             metrics = {name: float(value) for name, value in metrics.items()}
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
@@ -610,7 +619,7 @@ def _checkpoint_tree(
 def _history_record(history: TrainHistory) -> dict[str, Any]:
     record = dataclasses.asdict(history)
     # Per-call facts, not part of the run's record.
-    del record["wall_seconds"], record["resumed_from"]
+    del record["wall_seconds"], record["compile_seconds"], record["resumed_from"]
     return record
 
 

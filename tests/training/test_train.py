@@ -165,6 +165,28 @@ def test_l2_regularization_is_part_of_the_objective():
     assert difference > 0.05 * change
 
 
+def test_compilation_is_timed_apart_and_done_once_per_shape(caplog):
+    """Each batch shape compiles once, ahead of its first step (which reuses the executable)."""
+    import jax
+
+    data = FakeDataset(10, seed=4, max_length=14)
+    # A learning rate no other test uses: the step is static in it, so it compiles afresh here.
+    config = TrainConfig(learning_rate=1.234e-2, num_steps=6, batch_size=4)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            history = finetune(tiny_lora_model(), data, config=config, progress=False).history
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiles = [
+        r.getMessage() for r in caplog.records if "Compiling jit(_train_step)" in r.getMessage()
+    ]
+    # The message names the argument shapes: a second compilation of one shape would repeat it.
+    assert compiles
+    assert len(compiles) == len(set(compiles))
+    assert 0 < history.compile_seconds < history.wall_seconds
+
+
 # Runs RESUME_CONFIG and hangs right after writing checkpoint 4, until the parent kills it.
 _KILLED_RUN = textwrap.dedent(
     """
