@@ -446,7 +446,6 @@ def _unlearn(options) -> int:
 
     out = pathlib.Path(options.out)
     ledger = Ledger(options.ledger or out.absolute().parent / LEDGER_NAME)
-    settings = _eraser_settings(options)
     request = _request(options)
 
     # The cheap checks first, so that a repeated or bad request costs no model loading.
@@ -473,10 +472,9 @@ def _unlearn(options) -> int:
         lora_settings = lora_settings_of(model)
 
     _check_trained_on(examples, metadata, options)
-    if options.l2_regularization is None:
-        # The penalty the adapter was trained with is part of the objective LLMEraser inverts.
-        trained_with = metadata.get("train_config", {}).get("l2_regularization", 0.0)
-        settings = dataclasses.replace(settings, l2_regularization=float(trained_with))
+    # The penalty the adapter was trained with is part of the objective LLMEraser inverts.
+    trained_with = metadata.get("train_config", {}).get("l2_regularization", 0.0)
+    settings = _eraser_settings(options, trained_l2_regularization=float(trained_with))
     tokenization = metadata.get("tokenization", {})
     max_length = (
         options.max_length or tokenization.get("max_length") or model.config.max_position_embeddings
@@ -559,8 +557,9 @@ def _unlearn(options) -> int:
     return 0
 
 
-def _eraser_settings(options):
-    """`EraserSettings` from the flags given; the rest keep the library's defaults."""
+def _eraser_settings(options, *, trained_l2_regularization: float = 0.0):
+    """`EraserSettings` from the flags given; the penalty defaults to the adapter's, the rest
+    to the library's defaults."""
     from jaxunlearn.unlearn import EraserSettings
 
     names = (
@@ -579,6 +578,7 @@ def _eraser_settings(options):
         "seed",
     )
     given = {name: getattr(options, name) for name in names if getattr(options, name) is not None}
+    given.setdefault("l2_regularization", trained_l2_regularization)
     return EraserSettings(**given)
 
 

@@ -153,7 +153,7 @@ class TrainHistory:
         grad_norms: The global gradient norm of each step, before clipping.
         learning_rates: The learning rate each step's update used.
         tokens_per_second: Real (attention-mask) tokens of each step over its wall-clock time,
-            compilation included in the first step of a call.
+            compilation excluded (see `compile_seconds`).
         eval_steps: The steps after which `eval_data` was evaluated.
         eval_losses: The mean loss over `eval_data` at those steps.
         wall_seconds: Wall-clock time of the `finetune` call that returned this history.
@@ -345,7 +345,8 @@ def finetune(
 
 
 class _OptimizerSettings(NamedTuple):
-    """The part of `TrainConfig` that defines the optimizer: hashable, a static jit argument.
+    """The part of `TrainConfig` that defines the update (optimizer and penalty): hashable, a
+    static jit argument.
 
     The seed is not in it, so runs that differ only in their seed share one compiled step.
     """

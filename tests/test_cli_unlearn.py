@@ -359,15 +359,23 @@ def test_demo_json_is_the_figures_without_per_example_values(
     assert "Fine-tuning LoRA" in captured.err
 
 
-def test_the_penalty_is_read_from_the_adapter_and_a_flag_overrides_it(assets, tmp_path):
-    """The fine-tune's L2 penalty is part of the objective: unlearn takes it from train_config."""
+def _penalized_adapter(assets, path, *, l2_regularization):
+    """The test adapter, saved as if fine-tuned with an L2 penalty."""
     model = load(assets["model"])
     load_lora(model, assets["adapter"])
     lora_settings, _ = read_lora_settings(assets["adapter"])
     ids = [example.id for example in load_examples(assets["data"])]
-    penalized = tmp_path / "penalized"
-    description = {"example_ids": ids, "train_config": {"l2_regularization": 0.25}}
-    save_lora(model, penalized, settings=lora_settings, description=description)
+    description = {
+        "example_ids": ids,
+        "train_config": {"l2_regularization": l2_regularization},
+    }
+    save_lora(model, path, settings=lora_settings, description=description)
+    return path
+
+
+def test_the_penalty_is_read_from_the_adapter_and_a_flag_overrides_it(assets, tmp_path):
+    """The fine-tune's L2 penalty is part of the objective: unlearn takes it from train_config."""
+    penalized = _penalized_adapter(assets, tmp_path / "penalized", l2_regularization=0.25)
     recorded = {}
     for name, flags in (("read", ["--leave-out-request"]), ("flag", ["--l2-regularization", "0"])):
         ledger = tmp_path / f"{name}.jsonl"
@@ -381,3 +389,16 @@ def test_the_penalty_is_read_from_the_adapter_and_a_flag_overrides_it(assets, tm
     assert recorded["read"]["leave_out_request"] is True
     assert recorded["flag"]["l2_regularization"] == 0.0
     assert recorded["flag"]["leave_out_request"] is False
+
+
+def test_a_zero_damping_is_accepted_when_the_adapter_was_penalized(assets, tmp_path):
+    """--damping 0 needs a penalty, which may come from the adapter rather than a flag."""
+    penalized = _penalized_adapter(assets, tmp_path / "penalized", l2_regularization=0.25)
+    ledger = tmp_path / "ledger.jsonl"
+    arguments = unlearn_arguments(
+        assets, "--forget", ",".join(FORGET), out=tmp_path / "out", adapter=penalized
+    )
+    assert main([*arguments, "--damping", "0", "--ledger", str(ledger)]) == 0
+    (entry,) = Ledger(ledger).entries()
+    assert entry.settings["damping"] == 0.0
+    assert entry.settings["l2_regularization"] == 0.25

@@ -545,8 +545,9 @@ def _apply_update(lora, x, sign):
 
 
 def _curvature_operator(settings, preparation, left_out, graphdef, lora, base, data):
-    """The fixed-sample operator, over the sample less `left_out` (None for lowrank)."""
-    if settings.solver == "lowrank":
+    """The fixed-sample operator of cg and sgd, over the sample less `left_out` (None for the
+    solvers that do not use it)."""
+    if settings.solver in ("lowrank", "lissa"):
         return None
     if not len(left_out):
         return preparation.operator(graphdef, lora, base, data)
