@@ -78,6 +78,17 @@ class PreparationMismatchError(ValueError):
     """A saved preparation belongs to another adapter, dataset or settings."""
 
 
+# Settings that a preparation fixes: a request made with a preparation uses the preparation's.
+_PREPARED_FIELDS = (
+    "curvature",
+    "damping",
+    "l2_regularization",
+    "relative_damping",
+    "sample_size",
+    "spectrum_steps",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class EraserSettings:
     """How LLMEraser computes its update.
@@ -173,16 +184,7 @@ class EraserSettings:
 
     def preparation_key(self) -> dict[str, Any]:
         """The settings a preparation depends on (the rest may change between requests)."""
-        keys = (
-            "curvature",
-            "damping",
-            "l2_regularization",
-            "relative_damping",
-            "sample_size",
-            "spectrum_steps",
-            "seed",
-        )
-        prepared = {name: getattr(self, name) for name in keys}
+        prepared = {name: getattr(self, name) for name in (*_PREPARED_FIELDS, "seed")}
         prepared["rank"] = self.rank if self.solver == "lowrank" else None
         return prepared
 
@@ -510,17 +512,6 @@ def llmeraser(
         compile_seconds=compile_seconds,
         prepare_seconds=prepare_seconds,
     )
-
-
-# Settings that a preparation fixes: a request made with a preparation uses the preparation's.
-_PREPARED_FIELDS = (
-    "curvature",
-    "damping",
-    "l2_regularization",
-    "relative_damping",
-    "sample_size",
-    "spectrum_steps",
-)
 
 
 @functools.partial(jax.jit, static_argnames="mode")
