@@ -9,7 +9,7 @@ responses (edits), retain perplexity against the retrain's, the change of the me
 inference AUC, the distance and KL to the retrain, and the wall-clock of the request (after
 compilation) and of its one-off preparation against the retrain's.
 
-    python experiments/llmeraser_vs_retrain.py                  # about 30 min on 2 CPU cores
+    python experiments/llmeraser_vs_retrain.py                  # about 20 min on 2 CPU cores
     python experiments/llmeraser_vs_retrain.py --fractions 0.05 --solvers cg lowrank
 
 Writes experiments/results/llmeraser_vs_retrain.{json,md}.
