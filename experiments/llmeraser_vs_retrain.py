@@ -57,12 +57,13 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 # term (b − UUᵀb)/(μ + λ) diverges on the Newton gradient, so it keeps the paper's influence
 # update with the damping rule.
 DEMO = DemoSettings()
+_NEWTON = DEMO.eraser_settings()
 SOLVER_SETTINGS = {
-    "cg": DEMO.eraser_settings(),
-    "lissa": dataclasses.replace(DEMO.eraser_settings(), solver="lissa", max_steps=60),
-    "sgd": dataclasses.replace(DEMO.eraser_settings(), solver="sgd", max_steps=60),
+    "cg": _NEWTON,
+    "lissa": dataclasses.replace(_NEWTON, solver="lissa", max_steps=60),
+    "sgd": dataclasses.replace(_NEWTON, solver="sgd", max_steps=60),
     "lowrank": dataclasses.replace(
-        DEMO.eraser_settings(),
+        _NEWTON,
         solver="lowrank",
         mode="influence",
         damping=None,

@@ -309,18 +309,19 @@ def _cost(
     gradient = jax.grad(curvature.objective(graphdef))
     product = curvature.batch_product(graphdef, eraser.curvature)
     batch_size = eraser.batch_size
+    # One cost analysis (a compilation) per function and batch shape, shared by every count.
+    flops_by_shape: dict[tuple[Any, tuple[int, ...]], float] = {}
 
     def total_flops(function, dataset, indices, batch_rows):
-        cache: dict[tuple[int, ...], float] = {}
         indices = np.asarray(indices)
         order = indices[np.argsort(dataset.lengths[indices], kind="stable")]
         total = 0.0
         for start in range(0, len(order), batch_rows):
             batch = dataset.batch(order[start : start + batch_rows], batch_size=batch_rows)
-            shape = np.shape(batch.input_ids)
-            if shape not in cache:
-                cache[shape] = compiled_flops(function, lora, base, batch) or math.nan
-            total += cache[shape]
+            key = (function, np.shape(batch.input_ids))
+            if key not in flops_by_shape:
+                flops_by_shape[key] = compiled_flops(function, lora, base, batch) or math.nan
+            total += flops_by_shape[key]
         return total
 
     def gradient_flops(dataset, batch_rows):

@@ -451,7 +451,8 @@ def llmeraser(
         # One whole solve, on a right-hand side of the request's tree type (so that it runs the
         # executable the request will): the first run of a compiled loop costs more than later
         # ones, a one-off like compiling. Waited for, since dispatch is asynchronous and the
-        # request's clock must not start while it still runs.
+        # request's clock must not start while it still runs. The operator is built again
+        # inside the timed request: its linearization is part of the request's cost.
         operator = _curvature_operator(settings, preparation, left_out, graphdef, lora, base, data)
         probe = jax.tree.map(jnp.ones_like, lora)
         jax.block_until_ready(
