@@ -1,7 +1,9 @@
 """The errors raised for bad data, so that callers can catch them apart from other failures."""
 
+from jaxunlearn.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A data source cannot be used as examples: missing columns, no rows, duplicate ids, ..."""
 
 
@@ -9,5 +11,5 @@ class ExampleTooLongError(DataError):
     """A tokenized example does not fit the context length and truncation was not asked for."""
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(UserError, ValueError):
     """A tokenizer produces token ids that the model's embedding table does not have."""

@@ -16,13 +16,14 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxunlearn.errors import UserError
 from jaxunlearn.models._families import CausalLM, Family, architecture, family_of, load_config
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory does not hold the tensors its config describes."""
 
 

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Self
 
 import transformers
 
+from jaxunlearn.errors import UserError
 from jaxunlearn.models._layers import ACTIVATIONS
 
 # Model types whose modeling code is the Llama computation (Mistral without sliding windows is).
@@ -60,7 +61,7 @@ _ROPE_KEYS = {
 }
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(UserError, ValueError):
     """A Hugging Face config asks for something this Llama implementation does not compute."""
 
 

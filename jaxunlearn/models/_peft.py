@@ -29,6 +29,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxunlearn.errors import UserError
 from jaxunlearn.models._families import CausalLM, family_of
 from jaxunlearn.models._lora import LoRALinear, attach_adapters, lora_modules, lora_sites
 
@@ -80,7 +81,7 @@ _UNSUPPORTED_FEATURES = {
 _BASE_PRESERVING_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
-class PeftFormatError(ValueError):
+class PeftFormatError(UserError, ValueError):
     """A PEFT adapter directory holds something jaxunlearn cannot load exactly."""
 
 

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxunlearn.data._jsonl import json_line
+from jaxunlearn.errors import UserError
 from jaxunlearn.unlearn._requests import RequestError, ResolvedRequest
 
 try:  # POSIX only; elsewhere concurrent writers are not guarded against.
@@ -34,7 +35,7 @@ except ImportError:  # pragma: no cover
 _FORMAT = 1
 
 
-class LedgerError(ValueError):
+class LedgerError(UserError, ValueError):
     """A ledger file cannot be read: a corrupt line other than the last, or a missing line."""
 
 

@@ -50,6 +50,7 @@ from jaxunlearn import curvature
 from jaxunlearn.batch import Batch
 from jaxunlearn.checkpoint import load_adapter, read_adapter_metadata, save_adapter
 from jaxunlearn.data import Example, TokenizedDataset, tokenize_examples
+from jaxunlearn.errors import UserError
 from jaxunlearn.unlearn._ledger import Ledger, LedgerEntry
 from jaxunlearn.unlearn._requests import Request, ResolvedRequest, resolve_request
 
@@ -74,7 +75,7 @@ MODES = ("influence", "newton")
 _PREPARATION_FORMAT = "jaxunlearn.llmeraser-preparation/1"
 
 
-class PreparationMismatchError(ValueError):
+class PreparationMismatchError(UserError, ValueError):
     """A saved preparation belongs to another adapter, dataset or settings."""
 
 

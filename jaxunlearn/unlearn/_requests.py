@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxunlearn.data import Example
 from jaxunlearn.data._examples import check_unique_ids
+from jaxunlearn.errors import UserError
 
 # Bumped if the fingerprint's canonical form ever changes, so that old and new fingerprints of
 # the same request can never be mistaken for each other.
@@ -26,7 +27,7 @@ _FINGERPRINT_VERSION = 1
 _SHOWN_IDS = 5
 
 
-class RequestError(ValueError):
+class RequestError(UserError, ValueError):
     """An unlearning request is malformed or cannot be applied to the dataset."""
 
 
