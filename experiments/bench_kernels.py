@@ -1,8 +1,9 @@
 """Benchmark of the curvature kernels on a transformer-shaped toy with LoRA-shaped parameters.
 
 Prints the median wall-clock time (after compilation) of a gradient, a Hessian-vector product,
-one product of a reused linearization (`kernels.linearize_hvp`), a Gauss-Newton product and a
-10-step CG solve, all measured in this one run, and their ratios to the gradient.
+one product of a reused linearization (`kernels.linearize_hvp`), a Gauss-Newton product, one
+product of a reused Gauss-Newton linearization (`kernels.linearize_gnvp`) and a 10-step CG
+solve, all measured in this one run, and their ratios to the gradient.
 
     python experiments/bench_kernels.py            # defaults: 4 layers, width 256, 8 x 128 tokens
     python experiments/bench_kernels.py --help
@@ -98,6 +99,12 @@ def next_token_loss(logits, tokens):
     return -jnp.mean(jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1))
 
 
+def loss_of_logits(logits, base, tokens):
+    """Gauss-Newton's `loss_fn(outputs, *args)`: it receives the model's arguments too."""
+    del base
+    return next_token_loss(logits, tokens)
+
+
 def median_seconds(operations: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median wall-clock seconds of each operation, timed round-robin.
 
@@ -137,11 +144,10 @@ def main() -> None:
     gradient = jax.jit(jax.grad(loss))
     hessian_product = jax.jit(lambda p, v, f, t: kernels.hvp(loss, p, v, f, t))
     gauss_newton_product = jax.jit(
-        lambda p, v, f, t: kernels.gnvp(
-            lambda q, g, s: logits(q, g, s), lambda out: next_token_loss(out, t), p, v, f, t
-        )
+        lambda p, v, f, t: kernels.gnvp(logits, loss_of_logits, p, v, f, t)
     )
     linearized = kernels.linearize_hvp(loss, lora, base, tokens)
+    linearized_gauss_newton = kernels.linearize_gnvp(logits, loss_of_logits, lora, base, tokens)
 
     @jax.jit
     def cg_solve(p, b, f, t):
@@ -156,6 +162,7 @@ def main() -> None:
             "hvp": lambda: hessian_product(lora, direction, base, tokens),
             "linearized_product": lambda: linearized(direction),
             "gnvp": lambda: gauss_newton_product(lora, direction, base, tokens),
+            "linearized_gnvp_product": lambda: linearized_gauss_newton(direction),
             cg_name: lambda: cg_solve(lora, direction, base, tokens),
         },
         options.repeats,

@@ -9,6 +9,13 @@ responses (edits), retain perplexity against the retrain's, the change of the me
 inference AUC, the distance and KL to the retrain, and the wall-clock of the request (after
 compilation) and of its one-off preparation against the retrain's.
 
+Every update goes through `apply_request`, the protocol users run: the fine-tuned adapter is
+saved and registered in a fresh lineage (in a temporary folder), and each request is applied to
+it as its own branch (`branch=True`), so every request starts from the original adapter and
+every solver's preparation (one folder each, made before the requests) serves all of them. An
+update the protocol refuses (it makes the objective after the request worse on a held sample,
+changes nothing, or its solve failed) is reported as refused, with the reason.
+
     python experiments/llmeraser_vs_retrain.py                  # about 20 min on 2 CPU cores
     python experiments/llmeraser_vs_retrain.py --fractions 0.05 --solvers cg lowrank
 
@@ -19,14 +26,16 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import tempfile
 
 import jax
 import numpy as np
 from flax import nnx
 
+import kernels
 from jaxunlearn import curvature
 from jaxunlearn.adapter import attach_lora
-from jaxunlearn.data import tokenize_examples
+from jaxunlearn.data import load_examples, tokenize_examples
 from jaxunlearn.defaults import ensure_defaults
 from jaxunlearn.demo import DemoSettings
 from jaxunlearn.eval import (
@@ -39,13 +48,25 @@ from jaxunlearn.eval import (
 )
 from jaxunlearn.train import finetune
 from jaxunlearn.unlearn import (
+    DEFAULT_LEDGER_NAME,
+    Ledger,
+    LLMEraser,
+    LowRankConfig,
+    NoEffectError,
+    ObjectiveWorsenedError,
+    Provenance,
     QueryEdit,
     Removal,
     ResponseEdit,
-    llmeraser,
-    prepare_llmeraser,
+    Sources,
+    UnlearningContext,
+    adapter_digest,
+    apply_request,
+    examples_digest,
+    open_adapter,
     resolve_request,
     retrain,
+    save_root_adapter,
 )
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -66,11 +87,15 @@ SOLVER_SETTINGS = {
         _NEWTON,
         solver="lowrank",
         mode="influence",
-        damping=None,
-        leave_out_request=False,
-        rank=48,
+        curvature=dataclasses.replace(_NEWTON.curvature, damping=None, leave_out_request=False),
+        lowrank=LowRankConfig(rank=48),
     ),
 }
+# The solvers whose damping λ follows the rule relative_damping · λ_max + max(0, −λ_min) from
+# the spectrum of their preparation. LLMEraser settles an unset damping to 0 when the adapter
+# was trained with a penalty (as the others want), so for these the preparation computes λ by
+# the rule and the requests are given it explicitly.
+DAMPING_RULE = ("lowrank",)
 
 
 def main() -> None:
@@ -101,62 +126,107 @@ def main() -> None:
     original = finetune(nnx.clone(initial), data, config=config, progress=progress)
     print(f"fine-tune: {original.history.wall_seconds:.1f} s, {config.num_steps} steps", flush=True)
 
-    preparations = {}
-    for solver in options.solvers:
-        preparations[solver] = prepare_llmeraser(
-            original.model, data, settings=SOLVER_SETTINGS[solver]
-        )
-        print(f"prepared {solver}: {preparations[solver].seconds:.1f} s")
-
     requests = [(f"removal {f:.0%}", _removal(corpus, examples, f)) for f in options.fractions]
     requests += [(kind, _edit(corpus, examples, kind)) for kind in options.edits]
     rows = []
-    for name, request in requests:
-        resolved = resolve_request(request, examples)
-        after = tokenized(resolved.examples_after)
-        reference = retrain(
-            initial, after, config=config, num_examples=len(data), progress=progress
+    with tempfile.TemporaryDirectory(prefix="llmeraser_vs_retrain-") as work:
+        lineage = pathlib.Path(work)
+        # The original training file holds the adapter's text: every request is applied to the
+        # original adapter, so it is the right data file for edits too.
+        train_file = assets.corpus_dir / "train.jsonl"
+        if examples_digest(load_examples(train_file)) != examples_digest(examples):
+            raise RuntimeError(f"{train_file} does not hold the corpus's training examples.")
+        sources = Sources(
+            base_model=assets.model_dir, data=train_file, tokenizer=assets.tokenizer_dir
         )
-        # After compilation, as the request's own time.
-        retrain_seconds = reference.history.wall_seconds - reference.history.compile_seconds
-        print(f"{name}: retrain {retrain_seconds:.1f} s after compilation")
-        target = tokenized(resolved.replacements) if resolved.replacements else None
-        affected = data.subset(resolved.indices)
-        base_row = _evaluate(original.model, affected, target, after, held_out, reference.model)
-        retrain_row = _evaluate(reference.model, affected, target, after, held_out, reference.model)
+        ledger = Ledger(lineage / DEFAULT_LEDGER_NAME)
+        adapter = _save_original(
+            original.model,
+            lineage / "original",
+            ledger,
+            assets,
+            train_file,
+            examples,
+            data,
+            config,
+            demo,
+        )
+        context = _context(adapter, assets.model_dir, examples, data, tokenizer)
+
+        settings, prepare_seconds = {}, {}
         for solver in options.solvers:
-            model = nnx.clone(original.model)
-            result = llmeraser(
-                model,
-                request,
-                examples=examples,
-                data=data,
-                tokenizer=tokenizer,
-                settings=SOLVER_SETTINGS[solver],
-                preparation=preparations[solver],
+            settings[solver], prepare_seconds[solver] = _prepare(
+                context, SOLVER_SETTINGS[solver], solver in DAMPING_RULE, lineage / solver
             )
-            row = _evaluate(model, affected, target, after, held_out, reference.model)
-            rows.append(
-                _compare(
-                    name,
-                    solver,
-                    row,
-                    base_row,
-                    retrain_row,
-                    result,
-                    preparations[solver],
-                    retrain_seconds,
-                    original.model,
-                    model,
-                    reference.model,
+            print(f"prepared {solver}: {prepare_seconds[solver]:.1f} s")
+
+        for number, (name, request) in enumerate(requests):
+            resolved = resolve_request(request, examples)
+            after = tokenized(resolved.examples_after)
+            reference = retrain(
+                initial, after, config=config, num_examples=len(data), progress=progress
+            )
+            # After compilation, as the request's own time.
+            retrain_seconds = reference.history.wall_seconds - reference.history.compile_seconds
+            print(f"{name}: retrain {retrain_seconds:.1f} s after compilation")
+            target = tokenized(resolved.replacements) if resolved.replacements else None
+            affected = data.subset(resolved.indices)
+            base_row = _evaluate(original.model, affected, target, after, held_out, reference.model)
+            retrain_row = _evaluate(
+                reference.model, affected, target, after, held_out, reference.model
+            )
+            for solver in options.solvers:
+                try:
+                    outcome = apply_request(
+                        request,
+                        adapter=adapter,
+                        out=lineage / f"request-{number}-{solver}",
+                        sources=sources,
+                        method=LLMEraser.name,
+                        settings=settings[solver],
+                        ledger=ledger.path,
+                        preparation=lineage / solver,
+                        branch=True,
+                        log=lambda line: print(line, flush=True),
+                    )
+                except (NoEffectError, ObjectiveWorsenedError, kernels.SolverError) as error:
+                    rows.append(
+                        {
+                            "request": name,
+                            "solver": solver,
+                            "refused": f"{type(error).__name__}: {error}",
+                            "prepare_seconds": prepare_seconds[solver],
+                            "retrain_seconds": retrain_seconds,
+                            "original": base_row,
+                            "retrained": retrain_row,
+                        }
+                    )
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
+                model = open_adapter(outcome.adapter, assets.model_dir).model
+                row = _evaluate(model, affected, target, after, held_out, reference.model)
+                rows.append(
+                    _compare(
+                        name,
+                        solver,
+                        row,
+                        base_row,
+                        retrain_row,
+                        outcome.figures,
+                        prepare_seconds[solver],
+                        retrain_seconds,
+                        original.model,
+                        model,
+                        reference.model,
+                    )
                 )
-            )
-            print(json.dumps(rows[-1]), flush=True)
+                print(json.dumps(rows[-1]), flush=True)
 
     RESULTS.mkdir(exist_ok=True)
     figures = {
         "recipe": dataclasses.asdict(demo),
-        "solvers": {name: dataclasses.asdict(SOLVER_SETTINGS[name]) for name in options.solvers},
+        # As given to apply_request (a damping chosen by the rule is filled in).
+        "solvers": {name: dataclasses.asdict(settings[name]) for name in options.solvers},
         "scored_tokens": "response tokens, end-of-sequence token included",
         "rows": rows,
     }
@@ -172,6 +242,7 @@ def main() -> None:
         "unlearn_seconds",
         "prepare_seconds",
         "unlearn_over_retrain",
+        "refused",
     ]
     table = markdown_table(rows, columns)
     (RESULTS / "llmeraser_vs_retrain.md").write_text(
@@ -180,9 +251,85 @@ def main() -> None:
         "retrain's drop in mean NLL of the new responses that the update achieves. "
         "`mia_moved`: (AUC_method − AUC_original) / (AUC_retrain − AUC_original), LOSS attack, "
         "affected vs held-out examples (removals only). Seconds are wall-clock after "
-        "compilation.\n\n" + table + "\n"
+        "compilation. `refused`: apply_request refused the update (nothing was written), and "
+        "why.\n\n" + table + "\n"
     )
     print(table)
+
+
+def _save_original(model, path, ledger, assets, train_file, examples, data, config, demo):
+    """Saves the fine-tuned adapter as the root of `ledger`'s lineage, as the demo does."""
+    provenance = Provenance.of_training(
+        base_model=assets.model_dir,
+        tokenizer=assets.tokenizer_dir,
+        data=train_file,
+        examples=examples,
+        train_config=dataclasses.asdict(config),
+        tokenization={
+            "max_length": assets.recipe.max_length,
+            "truncate": False,
+            "buckets": list(data.buckets),
+        },
+    )
+    save_root_adapter(
+        model,
+        path,
+        provenance=provenance,
+        base_model=assets.model_dir,
+        ledger=ledger.path,
+        lora_settings=demo.lora_settings(),
+    )
+    return path
+
+
+def _context(adapter, base_model, examples, data, tokenizer) -> UnlearningContext:
+    """What apply_request shows the method for a request on `adapter` (its first request)."""
+    opened = open_adapter(adapter, base_model)
+    return UnlearningContext(
+        model=opened.model,
+        examples=examples,
+        data=data,
+        tokenizer=tokenizer,
+        adapter_digest=adapter_digest(opened.model, opened.provenance),
+        data_digest=examples_digest(examples),
+        train_config=opened.provenance.train_config,
+    )
+
+
+def _prepare(context, settings, damping_rule, path):
+    """Makes a solver's preparation at the original adapter and saves it to `path`, where
+    apply_request loads it (and checks it against the adapter) for every request.
+
+    With `damping_rule`, λ is chosen from the preparation's spectrum by the rule (the low-rank
+    route's comes from its own Lanczos run) and the returned settings carry it.
+
+    Returns:
+        The settings to give apply_request, and the preparation's wall-clock.
+    """
+    method = LLMEraser()
+    if damping_rule:
+        # The spectrum and eigenbasis do not depend on λ: prepare at λ = 0, then apply the rule.
+        at_zero = dataclasses.replace(
+            settings, curvature=dataclasses.replace(settings.curvature, damping=0.0)
+        )
+        prepared = method.prepare(context, method.settle(at_zero, context)[0])
+        damping = float(
+            curvature.choose_damping(
+                prepared.value.spectrum, relative=settings.curvature.relative_damping
+            )
+        )
+        settings = dataclasses.replace(
+            settings, curvature=dataclasses.replace(settings.curvature, damping=damping)
+        )
+        prepared = dataclasses.replace(
+            prepared,
+            value=dataclasses.replace(prepared.value, damping=damping),
+            settings_key=method.preparation_key(method.settle(settings, context)[0]),
+        )
+    else:
+        prepared = method.prepare(context, method.settle(settings, context)[0])
+    method.save_preparation(prepared, path)
+    return settings, prepared.seconds
 
 
 def _removal(corpus, examples, fraction) -> Removal:
@@ -230,8 +377,8 @@ def _compare(
     row,
     base,
     retrained,
-    result,
-    preparation,
+    figures,
+    prepare_seconds,
     retrain_seconds,
     original,
     model,
@@ -252,13 +399,13 @@ def _compare(
         "distance_to_retrain": distance_to_retrain(*trees),
         "kl_affected": row["kl_affected"],
         "kl_affected_original": base["kl_affected"],
-        "unlearn_seconds": result.seconds,
-        "compile_seconds": result.compile_seconds,
-        "prepare_seconds": preparation.seconds,
+        "unlearn_seconds": figures["seconds"],
+        "compile_seconds": figures["compile_seconds"],
+        "prepare_seconds": prepare_seconds,
         "retrain_seconds": retrain_seconds,
-        "unlearn_over_retrain": result.seconds / retrain_seconds,
-        "damping": result.damping,
-        "solver_steps": int(result.solution.steps),
+        "unlearn_over_retrain": figures["seconds"] / retrain_seconds,
+        "damping": figures["damping"],
+        "solver_steps": int(figures["solver_steps"]),
         "original": base,
         "unlearned": row,
         "retrained": retrained,

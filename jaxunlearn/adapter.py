@@ -11,6 +11,8 @@ family they are for.
 """
 
 import dataclasses
+import math
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -19,7 +21,8 @@ import jax
 from flax import nnx
 
 from jaxunlearn.checkpoint import load_adapter, read_adapter_metadata, save_adapter
-from jaxunlearn.models import LoRALinear, add_lora, lora_targets, split_lora
+from jaxunlearn.errors import SettingsError
+from jaxunlearn.models import CheckpointError, LoRALinear, add_lora, lora_targets, split_lora
 
 ADAPTER_FORMAT = "jaxunlearn-lora/1"
 
@@ -34,6 +37,10 @@ class LoraSettings:
         targets: Projection names, as PEFT names them, among `lora_targets(model)` of the model
             the adapters are attached to (checked by `attach_lora`).
         dropout: Dropout rate on the adapters' input.
+
+    Raises:
+        SettingsError: If the targets are not a non-empty collection of distinct names, the
+            rank is not a positive integer, alpha is not finite, or dropout is outside [0, 1).
     """
 
     rank: int = 8
@@ -44,31 +51,39 @@ class LoraSettings:
     def __post_init__(self):
         if isinstance(self.targets, str):
             # A bare string would be read as its characters.
-            raise ValueError(
+            raise SettingsError(
                 f"LoRA targets must be a collection of projection names, got the string "
                 f"{self.targets!r}; write ({self.targets!r},)."
             )
         object.__setattr__(self, "targets", tuple(self.targets))
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            raise ValueError(
+            raise SettingsError(
                 f"LoRA targets must be a non-empty collection of projection names, got "
                 f"{self.targets!r}."
             )
         if len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"LoRA targets repeat a name: {self.targets}.")
+            raise SettingsError(f"LoRA targets repeat a name: {self.targets}.")
+        # Checked here as well as by add_lora, so that bad settings fail before a model loads.
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise SettingsError(f"LoRA rank must be a positive integer, got {self.rank!r}.")
+        if not _is_real(self.alpha) or not math.isfinite(self.alpha):
+            raise SettingsError(f"LoRA alpha must be a finite number, got {self.alpha!r}.")
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise SettingsError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}.")
 
 
 def attach_lora(model: nnx.Module, settings: LoraSettings, /, *, key: jax.Array) -> nnx.Module:
     """Adds adapters with `settings` to `model` in place and returns it.
 
     Raises:
-        ValueError: If a target is not a projection of the model's family (the message lists
-            the family's targets), or the model already holds adapters there.
+        SettingsError: If a target is not a projection of the model's family (the message
+            lists the family's targets).
+        ValueError: If the model already holds adapters there.
     """
     family_targets = lora_targets(model)
     unknown = [target for target in settings.targets if target not in family_targets]
     if unknown:
-        raise ValueError(
+        raise SettingsError(
             f"LoRA targets {unknown} are not projections of {type(model).__name__}; choose "
             f"among {','.join(family_targets)}."
         )
@@ -89,7 +104,7 @@ def lora_settings_of(model: nnx.Module, /) -> LoraSettings:
     with the same rank, alpha and dropout, so the adapters can be saved with `save_lora`.
 
     Raises:
-        ValueError: If the model has no adapters, or adapters one `LoraSettings` cannot
+        SettingsError: If the model has no adapters, or adapters one `LoraSettings` cannot
             describe: ranks, alphas or dropout rates that differ between projections,
             rank-stabilised scaling, or a target adapted in some layers only.
     """
@@ -104,7 +119,7 @@ def lora_settings_of(model: nnx.Module, /) -> LoraSettings:
         else:
             others.add(name)
     if not adapted:
-        raise ValueError("The model holds no LoRA adapters.")
+        raise SettingsError("The model holds no LoRA adapters.")
     family_targets = lora_targets(model)
     targets = {name.rsplit(".", 1)[-1] for name in adapted}
     partial = sorted(name for name in others if name.rsplit(".", 1)[-1] in targets)
@@ -129,7 +144,7 @@ def lora_settings_of(model: nnx.Module, /) -> LoraSettings:
         )
         problems.append(f"unadapted projections of an adapted target ({shown})")
     if problems:
-        raise ValueError(
+        raise SettingsError(
             "The model's adapters cannot be described by one rank, alpha, dropout and target "
             f"list: {'; '.join(problems)}."
         )
@@ -167,20 +182,31 @@ def save_lora(
 
 
 def read_lora_settings(path: str | os.PathLike, /) -> tuple[LoraSettings, dict[str, Any]]:
-    """The settings and the full description stored with an adapter, without loading it."""
+    """The settings and the full description stored with an adapter, without loading it.
+
+    Raises:
+        FileNotFoundError: If `path` is not an adapter saved by `save_lora`.
+        CheckpointError: If the adapter is not in jaxunlearn's format, or its settings are
+            missing or invalid.
+    """
     metadata = read_adapter_metadata(path)
     if metadata.get("format") != ADAPTER_FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"{os.fspath(path)} is not a jaxunlearn LoRA adapter (format "
             f"{metadata.get('format')!r}, expected {ADAPTER_FORMAT!r})"
         )
-    lora = metadata["lora"]
-    settings = LoraSettings(
-        rank=lora["rank"],
-        alpha=lora["alpha"],
-        targets=tuple(lora["targets"]),
-        dropout=lora["dropout"],
-    )
+    try:
+        lora = metadata["lora"]
+        settings = LoraSettings(
+            rank=lora["rank"],
+            alpha=lora["alpha"],
+            targets=tuple(lora["targets"]),
+            dropout=lora["dropout"],
+        )
+    except (KeyError, TypeError, SettingsError) as error:
+        raise CheckpointError(
+            f"{os.fspath(path)} describes its LoRA settings incompletely or wrongly: {error}"
+        ) from error
     return settings, metadata
 
 
@@ -191,7 +217,10 @@ def load_lora(model: nnx.Module, path: str | os.PathLike, /) -> tuple[nnx.Module
         `(model, metadata)`.
 
     Raises:
-        ValueError: if the adapter does not fit the model (shapes, targets, layers).
+        FileNotFoundError: If `path` is not an adapter saved by `save_lora`.
+        CheckpointError: If the adapter is not in jaxunlearn's format or does not fit the
+            model (shapes, layers).
+        SettingsError: If its targets are not projections of the model's family.
     """
     settings, _ = read_lora_settings(path)
     attach_lora(model, settings, key=jax.random.key(0))
@@ -199,3 +228,7 @@ def load_lora(model: nnx.Module, path: str | os.PathLike, /) -> tuple[nnx.Module
     restored, metadata = load_adapter(path, target=lora)
     nnx.update(model, restored)
     return model, metadata
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

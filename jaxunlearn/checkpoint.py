@@ -6,8 +6,8 @@ adapter) intact and loadable; the half-written temporary directory is never list
 Saves are synchronous: when `save` returns, the checkpoint is on disk.
 
 Restores are checked against a target tree (concrete arrays or `jax.ShapeDtypeStruct`s): a
-missing or extra leaf, a shape or a dtype that differs from the checkpoint is a `ValueError`
-naming the leaf, never a silent cast or a partial restore.
+missing or extra leaf, a shape or a dtype that differs from the checkpoint is a
+`CheckpointError` (a `ValueError`) naming the leaf, never a silent cast or a partial restore.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "load_adapter", "save_adapter"]
+from jaxunlearn.errors import SettingsError
+from jaxunlearn.models import CheckpointError
+
+__all__ = ["Checkpointer", "load_adapter", "read_adapter_metadata", "save_adapter"]
 
 _TREE = "tree"
 _METADATA = "metadata"
@@ -49,10 +52,10 @@ class Checkpointer:
                 each save. `None` keeps all.
 
         Raises:
-            ValueError: If `keep` is not a positive integer or `None`.
+            SettingsError: If `keep` is not a positive integer or `None`.
         """
         if keep is not None and (not isinstance(keep, int) or keep <= 0):
-            raise ValueError(f"keep must be a positive integer or None, got {keep!r}.")
+            raise SettingsError(f"keep must be a positive integer or None, got {keep!r}.")
         self._directory = os.path.abspath(os.fspath(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
@@ -121,7 +124,8 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError: If the directory holds no checkpoint, or not `step`.
-            ValueError: If `target` does not match the checkpoint (structure, shape or dtype).
+            CheckpointError: If `target` does not match the checkpoint (structure, shape or
+                dtype).
         """
         step = self._existing_step(step)
         stored = self._manager.item_metadata(step)[_TREE]
@@ -205,7 +209,7 @@ def load_adapter(path: str | os.PathLike, /, *, target: Any) -> tuple[Any, dict[
 
     Raises:
         FileNotFoundError: If `path` is not a saved adapter.
-        ValueError: If `target` does not match the saved adapter.
+        CheckpointError: If `target` does not match the saved adapter.
     """
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(os.path.join(path, _ADAPTER)):
@@ -269,10 +273,10 @@ def _abstract(tree: Any) -> Any:
 
 
 def _check_matches(target: Any, stored: Any, *, where: str) -> None:
-    """Raises a ValueError naming the first leaf where `target` and the stored tree differ."""
+    """Raises a CheckpointError naming the first leaf where `target` and the stored tree differ."""
     stored = getattr(stored, "tree", stored)
     if stored is None:
-        raise ValueError(f"{where} holds no array tree.")
+        raise CheckpointError(f"{where} holds no array tree.")
     wanted = ocp.tree.to_flat_dict(
         ocp.tree.serialize_tree(_abstract(target), keep_empty_nodes=True)
     )
@@ -280,7 +284,7 @@ def _check_matches(target: Any, stored: Any, *, where: str) -> None:
     missing = sorted(set(wanted) - set(found))
     extra = sorted(set(found) - set(wanted))
     if missing or extra:
-        raise ValueError(
+        raise CheckpointError(
             f"The target does not match {where}: "
             f"{len(missing)} leaves only in the target (first: {_name(missing)}), "
             f"{len(extra)} only in the checkpoint (first: {_name(extra)})."
@@ -288,7 +292,7 @@ def _check_matches(target: Any, stored: Any, *, where: str) -> None:
     for key in sorted(wanted):
         want, have = wanted[key], found[key]
         if tuple(want.shape) != tuple(have.shape) or np.dtype(want.dtype) != np.dtype(have.dtype):
-            raise ValueError(
+            raise CheckpointError(
                 f"The target does not match {where} at {_name([key])}: target "
                 f"{want.dtype}{list(want.shape)}, checkpoint {have.dtype}{list(have.shape)}."
             )

@@ -21,43 +21,34 @@ writes nothing: no adapter, no ledger entry, no preparation.
 import argparse
 import dataclasses
 import json
-import math
 import os
 import pathlib
-import shutil
 import sys
 import time
 
 import kernels
-from jaxunlearn.curvature import CURVATURE_KINDS
-from jaxunlearn.data import DataError, TokenizerMismatchError
-from jaxunlearn.models import (
-    LORA_TARGETS,
-    CheckpointError,
-    PeftFormatError,
-    UnsupportedConfigError,
-)
-from jaxunlearn.unlearn import MODES, SOLVERS, LedgerError, PreparationMismatchError, RequestError
+from jaxunlearn._settings_flags import add_settings_flags, settings_from_flags
+from jaxunlearn._strict_json import finite
+from jaxunlearn.errors import SettingsError, UserError
+from jaxunlearn.models import LORA_TARGETS
 
+# A user's mistake prints one line and exits 2; anything else is a bug and keeps its traceback.
+# OS errors about the files a user named (missing, existing, not a folder, no permission) are
+# the user's to fix too.
 USER_ERRORS = (
-    DataError,
-    TokenizerMismatchError,
-    CheckpointError,
-    UnsupportedConfigError,
-    PeftFormatError,
-    RequestError,
-    LedgerError,
-    PreparationMismatchError,
+    UserError,
     kernels.SolverError,
     FileNotFoundError,
     FileExistsError,
-    ValueError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
 )
 
 ADAPTER_FORMATS = ("jaxunlearn", "peft")
-# What `unlearn --method` offers; each method is one branch of `_unlearn`.
-METHODS = ("llmeraser",)
-LEDGER_NAME = "unlearn-ledger.jsonl"
+# The demo's recipe: with it LLMEraser's default Newton step closes most of the forget gap.
+DEFAULT_L2_REGULARIZATION = 1e-2
+DEFAULT_METHOD = "llmeraser"
 
 # PEFT's default LoRA targets per model type (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES
 # mapping): GPT-2 has no q_proj/v_proj, its attention input projection is the fused c_attn.
@@ -66,7 +57,8 @@ _FALLBACK_TARGETS = ("q_proj", "v_proj")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(_method_asked(argv))
     options = parser.parse_args(argv)
     try:
         return options.run(options)
@@ -77,7 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def _method_asked(argv: list[str]) -> str:
+    """The `--method` of an `unlearn` command line (its flags depend on it)."""
+    if not argv or argv[0] != "unlearn":
+        return DEFAULT_METHOD
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default=DEFAULT_METHOD)
+    known, _ = pre.parse_known_args(argv[1:])
+    return known.method
+
+
+def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
+    from jaxunlearn.unlearn import get_method, method_names
+
     parser = argparse.ArgumentParser(
         prog="jaxunlearn",
         description="Machine unlearning for LoRA-adapted language models.",
@@ -143,14 +147,21 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "--l2-regularization",
         type=float,
-        default=0.0,
-        help="μ of an L2 penalty (μ/2)‖Θ‖² in the objective (unlearn reads it back)",
+        default=DEFAULT_L2_REGULARIZATION,
+        help="μ of an L2 penalty (μ/2)‖Θ‖² in the objective, so that the adapter is the "
+        "minimizer influence updates assume; unlearn reads it back (default: %(default)s; "
+        "0 trains without it, at the cost of much weaker unlearning)",
     )
     finetune.add_argument("--max-grad-norm", type=float, default=1.0)
     finetune.add_argument("--eval-every", type=int, default=50)
     finetune.add_argument("--checkpoint-every", type=int, default=50)
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--resume", action="store_true", help="continue from --out's checkpoints")
+    finetune.add_argument(
+        "--ledger",
+        metavar="FILE",
+        help="the ledger that records the adapter's lineage (default: --out/unlearn-ledger.jsonl)",
+    )
     finetune.add_argument("--no-progress", action="store_true")
     finetune.set_defaults(run=_finetune)
 
@@ -158,11 +169,18 @@ def _parser() -> argparse.ArgumentParser:
         "unlearn",
         help="apply one unlearning request (remove or edit examples) to a LoRA adapter",
         description="Change a LoRA adapter as if some of its training examples had been removed "
-        "or edited, write the new adapter to --out and record the request (by hashes, never "
-        "text) in a ledger. A request the ledger already holds is a no-op; one that touches "
-        "examples an earlier request removed is an error.",
+        "or edited, write the new adapter to --out and record the request (keyed hashes, never "
+        "text) in the lineage's ledger. The base model, tokenizer and data are checked against "
+        "the adapter's provenance first; a request already applied on the adapter's lineage is "
+        "a no-op; an update that changes nothing or makes the objective after the request "
+        "worse is refused and nothing is written.",
     )
-    unlearn.add_argument("--method", choices=METHODS, default="llmeraser", help="unlearning method")
+    unlearn.add_argument(
+        "--method",
+        choices=method_names(),
+        default=DEFAULT_METHOD,
+        help="unlearning method (its settings below; `--method NAME --help` shows another's)",
+    )
     unlearn.add_argument("--model", required=True, help="base checkpoint folder")
     adapter = unlearn.add_mutually_exclusive_group(required=True)
     adapter.add_argument("--adapter", metavar="DIR", help="a jaxunlearn adapter (finetune's)")
@@ -190,41 +208,48 @@ def _parser() -> argparse.ArgumentParser:
         help="format of --out (default: the input adapter's)",
     )
     unlearn.add_argument(
-        "--ledger", metavar="FILE", help=f"request ledger (default: {LEDGER_NAME} beside --out)"
+        "--ledger",
+        metavar="FILE",
+        help="the lineage's ledger (default: the one the adapter's provenance names, else "
+        "unlearn-ledger.jsonl beside the adapter); its key is FILE.key",
     )
     unlearn.add_argument(
         "--preparation",
         metavar="DIR",
-        help="the request-independent curvature work: loaded if DIR exists, else computed and "
-        "saved there for later requests on this adapter",
+        help="the method's request-independent work: loaded (and checked against this "
+        "adapter) if DIR exists, else computed and saved there",
     )
-    eraser = unlearn.add_argument_group(
-        "LLMEraser settings", "defaults: jaxunlearn.unlearn.EraserSettings"
-    )
-    eraser.add_argument("--solver", choices=SOLVERS)
-    eraser.add_argument("--mode", choices=MODES)
-    eraser.add_argument("--curvature", choices=CURVATURE_KINDS)
-    eraser.add_argument("--damping", type=float, help="λ (default: chosen from the spectrum)")
-    eraser.add_argument(
-        "--relative-damping", type=float, help="λ as a fraction of the largest eigenvalue"
-    )
-    eraser.add_argument("--sample-size", type=int, help="examples in the curvature sample")
-    eraser.add_argument("--batch-size", type=int, help="rows per gradient/product batch")
-    eraser.add_argument("--rank", type=int, help="eigenpairs of the lowrank solver")
-    eraser.add_argument("--spectrum-steps", type=int, help="Lanczos steps of the damping choice")
-    eraser.add_argument("--max-steps", type=int, help="iterations of cg, lissa and sgd")
-    eraser.add_argument(
-        "--l2-regularization",
-        type=float,
-        help="μ of the fine-tune's L2 penalty (default: the adapter's train_config, else 0)",
-    )
-    eraser.add_argument(
-        "--leave-out-request",
+    unlearn.add_argument(
+        "--branch",
         action="store_true",
-        default=None,
-        help="take the curvature without the request's examples (cg, lissa, sgd)",
+        help="apply to the adapter given even when requests were already applied to it "
+        "(default: to the newest adapter of its lineage, so no deletion is undone)",
     )
-    eraser.add_argument("--seed", type=int)
+    unlearn.add_argument(
+        "--allow-edited-removal",
+        action="store_true",
+        help="allow removing examples that an earlier request edited",
+    )
+    unlearn.add_argument(
+        "--skip-check",
+        action="append",
+        choices=("base_model", "tokenizer", "data"),
+        default=[],
+        help="do not check this artifact against the adapter's provenance (repeatable)",
+    )
+    unlearn.add_argument(
+        "--purge",
+        action="store_true",
+        help="delete what still holds the removed data: earlier adapters of the lineage, the "
+        "fine-tune's checkpoints, earlier preparations (without it they are listed)",
+    )
+    # An unknown --method gets the default's flags here; argparse then names the bad choice.
+    chosen = get_method(method if method in method_names() else DEFAULT_METHOD)
+    flags = unlearn.add_argument_group(
+        f"{chosen.name} settings",
+        f"{chosen.description} (jaxunlearn.unlearn.{chosen.settings_type.__name__})",
+    )
+    add_settings_flags(flags, chosen.settings_type)
     unlearn.add_argument(
         "--json", action="store_true", help="print a JSON summary to stdout (messages to stderr)"
     )
@@ -311,10 +336,16 @@ def _make_data(options) -> int:
 def _finetune(options) -> int:
     import jax
 
-    from jaxunlearn.adapter import LoraSettings, attach_lora, lora_settings_of, save_lora
+    from jaxunlearn.adapter import LoraSettings, attach_lora, lora_settings_of
     from jaxunlearn.data import check_tokenizer_fits, load_examples, load_tokenizer
     from jaxunlearn.models import load, load_peft_adapter, lora_targets
     from jaxunlearn.train import TrainConfig, finetune
+    from jaxunlearn.unlearn import (
+        DEFAULT_LEDGER_NAME,
+        Provenance,
+        register_adapter,
+        save_root_adapter,
+    )
 
     out = pathlib.Path(options.out)
     adapter_dir = out / "adapter"
@@ -329,7 +360,7 @@ def _finetune(options) -> int:
     if options.peft_adapter:
         given = [flag for flag, value in fresh_settings.items() if value is not None]
         if given:
-            raise ValueError(
+            raise SettingsError(
                 f"{', '.join(given)} describe fresh adapters; --peft-adapter brings its own "
                 "rank, alpha, targets and dropout"
             )
@@ -371,12 +402,16 @@ def _finetune(options) -> int:
     check_tokenizer_fits(tokenizer, model.config)
     max_length = options.max_length or model.config.max_position_embeddings
 
-    def tokenized(source):
-        examples = load_examples(source, **_columns(options))
+    def tokenized(examples):
         return _tokenized(examples, tokenizer, max_length=max_length, truncate=options.truncate)
 
-    train_data = tokenized(options.data)
-    eval_data = tokenized(options.eval_data) if options.eval_data else None
+    train_examples = load_examples(options.data, **_columns(options))
+    train_data = tokenized(train_examples)
+    eval_data = (
+        tokenized(load_examples(options.eval_data, **_columns(options)))
+        if options.eval_data
+        else None
+    )
     start = time.perf_counter()
     result = finetune(
         model,
@@ -388,353 +423,114 @@ def _finetune(options) -> int:
         progress=not options.no_progress,
     )
     seconds = time.perf_counter() - start
+    ledger = options.ledger or out / DEFAULT_LEDGER_NAME
     if adapter_dir.exists():  # a resumed run that had already finished
         print(f"{adapter_dir} already holds the adapter of this run", file=sys.stderr)
-    elif options.save_format == "peft":
-        _save_peft(model, adapter_dir, base_model=os.path.abspath(options.model))
+        register_adapter(adapter_dir, base_model=options.model, ledger=ledger)
     else:
-        description = {
-            "base_model": os.path.abspath(options.model),
-            "data": os.path.abspath(options.data),
-            "example_ids": list(train_data.ids),
+        provenance = Provenance.of_training(
+            base_model=options.model,
+            tokenizer=options.tokenizer or options.model,
+            data=options.data,
+            examples=train_examples,
+            train_config=dataclasses.asdict(config),
             # What `unlearn` needs to tokenize the data as it was trained on.
-            "tokenization": {"max_length": train_data.max_length, "truncate": options.truncate},
-            "train_config": dataclasses.asdict(config),
-        }
+            tokenization={
+                "max_length": train_data.max_length,
+                "truncate": options.truncate,
+                "buckets": list(train_data.buckets),
+            },
+            checkpoints=out / "checkpoints",
+        )
+        description = {}
         if options.peft_adapter:
             description["initial_peft_adapter"] = os.path.abspath(options.peft_adapter)
-        save_lora(model, adapter_dir, settings=settings, description=description)
+        # Registered in the lineage's ledger: requests are applied to adapters it recorded.
+        save_root_adapter(
+            model,
+            adapter_dir,
+            provenance=provenance,
+            base_model=options.model,
+            ledger=ledger,
+            save_format=options.save_format,
+            lora_settings=settings,
+            description=description,
+            peft_base_model=os.path.abspath(options.model),
+        )
     history = result.history
     summary = {
         "adapter": os.fspath(adapter_dir),
         "adapter_format": options.save_format,
+        "ledger": os.path.abspath(ledger),
         "examples": len(train_data),
         "steps": config.num_steps,
         "final_loss": history.losses[-1] if history.losses else None,
         "eval_losses": history.eval_losses,
         "seconds": seconds,
     }
-    (out / "training.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    (out / "training.json").write_text(json.dumps(finite(summary), indent=2, allow_nan=False))
+    print(json.dumps(finite(summary), indent=2, allow_nan=False))
     return 0
-
-
-def _save_peft(model, path: pathlib.Path, *, base_model: str | None) -> None:
-    """Writes a PEFT adapter to a new directory, whole or not at all.
-
-    `save_peft_adapter` replaces each file atomically; staging the directory beside its final
-    name and renaming it makes the directory appear complete, like `save_lora`'s.
-    """
-    from jaxunlearn.models import save_peft_adapter
-
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; save the adapter to a new path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.partial-{os.getpid()}"
-    try:
-        save_peft_adapter(model, staging, base_model_name_or_path=base_model)
-        os.rename(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _unlearn(options) -> int:
-    from jaxunlearn.adapter import load_lora, lora_settings_of, read_lora_settings, save_lora
-    from jaxunlearn.data import check_tokenizer_fits, load_examples, load_tokenizer
-    from jaxunlearn.models import load, load_peft_adapter
-    from jaxunlearn.unlearn import Ledger, file_sha256, llmeraser, resolve_request
+    from jaxunlearn.unlearn import Sources, apply_request, get_method
 
-    out = pathlib.Path(options.out)
-    ledger = Ledger(options.ledger or out.absolute().parent / LEDGER_NAME)
-    request = _request(options)
-
-    # The cheap checks first, so that a repeated or bad request costs no model loading.
-    examples = load_examples(options.data, **_columns(options))
-    previous = ledger.check(resolve_request(request, examples))
-    if previous is not None:
-        return _already_applied(options, previous, ledger)
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose a new --out for the unlearned adapter")
-
-    model = load(options.model)
-    tokenizer = load_tokenizer(options.tokenizer or options.model)
-    check_tokenizer_fits(tokenizer, model.config)
-    if options.adapter:
-        input_format = "jaxunlearn"
-        lora_settings, _ = read_lora_settings(options.adapter)
-        _, metadata = load_lora(model, options.adapter)
-    else:
-        input_format = "peft"
-        load_peft_adapter(model, options.peft_adapter)
-        lora_settings, metadata = None, {}
-    save_format = options.save_format or input_format
-    if save_format == "jaxunlearn" and lora_settings is None:
-        lora_settings = lora_settings_of(model)
-
-    _check_trained_on(examples, metadata, options)
-    # The penalty the adapter was trained with is part of the objective LLMEraser inverts.
-    trained_with = metadata.get("train_config", {}).get("l2_regularization", 0.0)
-    settings = _eraser_settings(options, trained_l2_regularization=float(trained_with))
-    tokenization = metadata.get("tokenization", {})
-    max_length = (
-        options.max_length or tokenization.get("max_length") or model.config.max_position_embeddings
+    method = get_method(options.method)
+    outcome = apply_request(
+        _request(options),
+        adapter=options.adapter or options.peft_adapter,
+        out=options.out,
+        sources=Sources(
+            base_model=options.model,
+            data=options.data,
+            tokenizer=options.tokenizer,
+            max_length=options.max_length,
+            truncate=options.truncate or None,
+            **_columns(options),
+        ),
+        method=method.name,
+        settings=settings_from_flags(method.settings_type, options),
+        ledger=options.ledger,
+        preparation=options.preparation,
+        save_format=options.save_format,
+        branch=options.branch,
+        allow_edited_removal=options.allow_edited_removal,
+        skip_checks=options.skip_check,
+        purge_stale=options.purge,
     )
-    truncate = options.truncate or bool(tokenization.get("truncate", False))
-    data = _tokenized(examples, tokenizer, max_length=max_length, truncate=truncate)
-    preparation, prepared_here = _preparation(options.preparation, model, data, settings)
-
-    result = llmeraser(
-        model,
-        request,
-        examples=examples,
-        data=data,
-        tokenizer=tokenizer,
-        settings=settings,
-        preparation=preparation,
-        ledger=ledger,
-    )
-    if not result.applied:  # recorded by another process since the check above
-        return _already_applied(options, result.previous, ledger)
-
-    if save_format == "peft":
-        _save_peft(model, out, base_model=_peft_base_model(options))
-    else:
-        description = {
-            key: value for key, value in metadata.items() if key not in ("format", "lora")
-        }
-        description.setdefault("base_model", os.path.abspath(options.model))
-        description.setdefault("data", os.path.abspath(options.data))
-        # Removed ids are left out: an id can itself identify a person.
-        description["example_ids"] = [example.id for example in result.resolved.examples_after]
-        description["tokenization"] = {"max_length": data.max_length, "truncate": truncate}
-        description["unlearning"] = [
-            *metadata.get("unlearning", []),
-            {
-                "method": options.method,
-                "kind": result.resolved.kind,
-                "fingerprint": result.resolved.fingerprint,
-                "num_examples": len(result.resolved.affected),
-                "ledger": os.path.abspath(ledger.path),
-            },
-        ]
-        save_lora(model, out, settings=lora_settings, description=description)
-    figures = _finite(result.figures())
-    if prepared_here:  # llmeraser was handed the preparation, so it counted no time for it
-        figures["prepare_seconds"] = preparation.seconds
-    adapter_path = os.path.abspath(out)
-    entry = ledger.record(
-        result.resolved,
-        method=options.method,
-        settings=dataclasses.asdict(settings),
-        adapter=adapter_path,
-        adapter_sha256=file_sha256(out),
-        figures=figures,
-    )
-    if prepared_here:
-        _save_preparation(preparation, options.preparation)
-    if options.json:
-        print(result.message, file=sys.stderr)
-        summary = {
-            "applied": True,
-            "method": options.method,
-            "kind": entry.kind,
-            "fingerprint": entry.fingerprint,
-            "num_examples": entry.num_examples,
-            "adapter": adapter_path,
-            "adapter_format": save_format,
-            "adapter_sha256": entry.adapter_sha256,
-            "ledger": os.path.abspath(ledger.path),
-            "ledger_sequence": entry.sequence,
-            "figures": figures,
-        }
-        print(json.dumps(summary, indent=2, allow_nan=False))
-    else:
-        print(result.message)
+    report = sys.stderr if options.json else sys.stdout
+    for note in outcome.notes:
+        print(f"note: {note}", file=report)
+    print(outcome.message, file=report)
+    if outcome.applied:
         print(
-            f"Wrote {adapter_path} ({save_format}); recorded as entry {entry.sequence} of "
-            f"{ledger.path}."
+            f"Wrote {outcome.adapter}; recorded as record {outcome.record} of {outcome.ledger}"
+            + (" (approximate: the solver stopped on its budget)." if outcome.approximate else "."),
+            file=report,
         )
+    for copy in outcome.stale:
+        print(f"still holds removed data: {copy.path} ({copy.kind}: {copy.reason})", file=report)
+    if outcome.stale:
+        print("Run again with --purge to delete them (never your data file).", file=report)
+    for path in outcome.purged:
+        print(f"purged {path}", file=report)
+    if options.json:
+        print(json.dumps(outcome.summary(), indent=2, allow_nan=False))
     return 0
-
-
-def _eraser_settings(options, *, trained_l2_regularization: float = 0.0):
-    """`EraserSettings` from the flags given; the penalty defaults to the adapter's, the rest
-    to the library's defaults."""
-    from jaxunlearn.unlearn import EraserSettings
-
-    names = (
-        "solver",
-        "mode",
-        "curvature",
-        "damping",
-        "relative_damping",
-        "sample_size",
-        "batch_size",
-        "rank",
-        "spectrum_steps",
-        "max_steps",
-        "l2_regularization",
-        "leave_out_request",
-        "seed",
-    )
-    given = {name: getattr(options, name) for name in names if getattr(options, name) is not None}
-    given.setdefault("l2_regularization", trained_l2_regularization)
-    return EraserSettings(**given)
 
 
 def _request(options):
     """The request the flags describe, read from its file where it has one."""
-    from jaxunlearn.unlearn import QueryEdit, Removal, ResponseEdit
+    from jaxunlearn.unlearn import Removal, read_edits, read_removal
 
     if options.forget is not None:
         return Removal([item.strip() for item in options.forget.split(",") if item.strip()])
     if options.forget_file is not None:
-        with open(options.forget_file, encoding="utf-8") as file:
-            return Removal([line.strip() for line in file if line.strip()])
+        return read_removal(options.forget_file)
     if options.edit_queries is not None:
-        return QueryEdit(_read_edits(options.edit_queries, "prompt"))
-    return ResponseEdit(_read_edits(options.edit_responses, "response"))
-
-
-def _read_edits(path: str, field: str) -> dict[str, str]:
-    """Reads a JSONL file of `{"id": ..., field: ...}` objects into {id: new text}."""
-    edits: dict[str, str] = {}
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not JSON ({error.msg})") from None
-            if not isinstance(row, dict) or set(row) != {"id", field}:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(
-                    f"{where}: expected an object with keys 'id' and {field!r}, got {keys}"
-                )
-            example_id, text = row["id"], row[field]
-            # As load_examples reads an integer id column.
-            if isinstance(example_id, int) and not isinstance(example_id, bool):
-                example_id = str(example_id)
-            if not isinstance(example_id, str) or not isinstance(text, str):
-                raise DataError(f"{where}: 'id' and {field!r} must be strings")
-            if example_id in edits:
-                raise DataError(f"{where}: example {example_id!r} is edited twice")
-            edits[example_id] = text
-    if not edits:
-        raise DataError(f"{path} holds no edits")
-    return edits
-
-
-def _check_trained_on(examples, metadata, options) -> None:
-    """Refuses data that lacks examples a jaxunlearn adapter lists as trained on.
-
-    The list is finetune's, less the examples removed by earlier requests; the data file is
-    the original training set, which still holds those (LLMEraser reuses one preparation over
-    a stream of requests on the same data). PEFT adapters list nothing to check against.
-    """
-    adapter_ids = metadata.get("example_ids")
-    if adapter_ids is None:
-        return
-    present = {example.id for example in examples}
-    missing = [example_id for example_id in adapter_ids if example_id not in present]
-    if missing:
-        raise DataError(
-            f"{options.data} lacks {len(missing)} of the {len(adapter_ids)} examples the adapter "
-            f"was trained on (e.g. {missing[0]!r}); pass the adapter's training data and its "
-            "column options"
-        )
-
-
-def _preparation(path, model, data, settings):
-    """The preparation at `path` when it exists, else a new one (None without `path`).
-
-    Returns:
-        `(preparation, prepared_here)`: `prepared_here` says it is new and should be saved to
-        `path` once the request succeeded.
-    """
-    from jaxunlearn.unlearn import (
-        PreparationMismatchError,
-        load_preparation,
-        prepare_llmeraser,
-    )
-
-    if path is None:
-        return None, False
-    if not os.path.exists(path):
-        return prepare_llmeraser(model, data, settings=settings), True
-    preparation = load_preparation(path, model)
-    # llmeraser would silently use the preparation's values of these; refuse instead, so that a
-    # flag the user gave is never ignored.
-    prepared, wanted = preparation.settings.preparation_key(), settings.preparation_key()
-    if settings.solver != "lowrank" or preparation.eigenpairs is None:
-        # The rank matters only to the low-rank solve (which fails itself without eigenpairs).
-        del prepared["rank"], wanted["rank"]
-    differing = sorted(name for name in wanted if prepared[name] != wanted[name])
-    if differing:
-        shown = ", ".join(
-            f"{name}={prepared[name]!r} (asked {wanted[name]!r})" for name in differing
-        )
-        raise PreparationMismatchError(
-            f"{path} was prepared with {shown}; pass the same settings or another --preparation"
-        )
-    return preparation, False
-
-
-def _save_preparation(preparation, path) -> None:
-    """Saves a new preparation; failing to is a warning, as the request is already recorded."""
-    from jaxunlearn.unlearn import save_preparation
-
-    try:
-        save_preparation(preparation, path)
-    except (OSError, ValueError) as error:
-        message = " ".join(str(error).split())
-        print(
-            f"jaxunlearn unlearn: warning: preparation not saved to {path}: {message}",
-            file=sys.stderr,
-        )
-
-
-def _already_applied(options, previous, ledger) -> int:
-    message = (
-        f"This request was already applied (ledger {ledger.path}, entry {previous.sequence}, "
-        f"{previous.method}, {previous.created}, adapter {previous.adapter}); nothing to do."
-    )
-    if options.json:
-        print(message, file=sys.stderr)
-        summary = {
-            "applied": False,
-            "fingerprint": previous.fingerprint,
-            "adapter": previous.adapter,
-            "ledger": os.path.abspath(ledger.path),
-            "ledger_sequence": previous.sequence,
-        }
-        print(json.dumps(summary, indent=2))
-    else:
-        print(message)
-    return 0
-
-
-def _peft_base_model(options) -> str:
-    """The base model a PEFT output names: the input adapter's own, else the --model folder."""
-    if options.peft_adapter:
-        config_file = pathlib.Path(options.peft_adapter) / "adapter_config.json"
-        named = json.loads(config_file.read_text()).get("base_model_name_or_path")
-        if named:
-            return named
-    return os.path.abspath(options.model)
-
-
-def _finite(value):
-    """`value` with NaN and infinities as None: strict JSON, and what the ledger accepts."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
+        return read_edits(options.edit_queries, field="prompt")
+    return read_edits(options.edit_responses, field="response")
 
 
 def _demo(options) -> int:
@@ -757,7 +553,7 @@ def _demo(options) -> int:
     )
     if options.json:
         headline = {key: value for key, value in figures.items() if key != "per_example"}
-        print(json.dumps(_finite(headline), indent=2, allow_nan=False))
+        print(json.dumps(finite(headline), indent=2, allow_nan=False))
     else:
         print(summary_table(figures))
         print(f"Report: {out / 'report.md'} (every figure in {out / 'report.json'})")

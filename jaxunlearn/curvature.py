@@ -41,9 +41,13 @@ __all__ = [
     "CURVATURE_KINDS",
     "CurvatureKind",
     "Spectrum",
+    "batch_product",
     "choose_damping",
     "estimate_spectrum",
     "fixed_curvature",
+    "jitted_cg",
+    "jitted_lanczos",
+    "jitted_lissa",
     "objective",
     "objective_gradient",
     "split_for_curvature",
@@ -76,7 +80,10 @@ def objective(graphdef: nnx.GraphDef, /) -> Callable[[Tree, Tree, Batch], jax.Ar
     """
 
     def loss(lora: Tree, base: Tree, batch: Batch) -> jax.Array:
-        model = nnx.merge(graphdef, lora, base)
+        # copy: the merged model's Variables must belong to this trace. Linearizing a model
+        # built with `remat=True` otherwise fails: `nnx.remat` may not mutate Variables that a
+        # merge without a copy shares with the outer trace (flax's TraceContextError).
+        model = nnx.merge(graphdef, lora, base, copy=True)
         return mean_loss(model(batch.input_ids, batch.attention_mask), batch)
 
     return loss
@@ -84,11 +91,19 @@ def objective(graphdef: nnx.GraphDef, /) -> Callable[[Tree, Tree, Batch], jax.Ar
 
 @functools.cache
 def _logits_function(graphdef: nnx.GraphDef, /) -> Callable[[Tree, Tree, Batch], jax.Array]:
+    """The model's float32 logits `logits(lora, base, batch)`, the outputs of Gauss-Newton."""
+
     def logits(lora: Tree, base: Tree, batch: Batch) -> jax.Array:
-        model = nnx.merge(graphdef, lora, base)
+        model = nnx.merge(graphdef, lora, base, copy=True)  # copy: as in `objective`
         return model(batch.input_ids, batch.attention_mask).astype(jnp.float32)
 
     return logits
+
+
+def _loss_of_logits(logits: jax.Array, base: Tree, batch: Batch) -> jax.Array:
+    """The objective as a function of the logits: Gauss-Newton's `loss_fn(outputs, *args)`."""
+    del base  # an argument of the model only
+    return mean_loss(logits, batch)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -146,18 +161,6 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"curvature must be one of {CURVATURE_KINDS}, got {kind!r}.")
 
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _gauss_newton_product(
-    lora: Tree, base: Tree, batch: Batch, v: Tree, *, graphdef: nnx.GraphDef
-) -> Tree:
-    logits = functools.partial(_logits_function(graphdef), base=base, batch=batch)
-
-    def loss_of_logits(outputs):
-        return mean_loss(outputs, batch)
-
-    return kernels.gnvp(lambda p: logits(p), loss_of_logits, lora, v)
-
-
 def fixed_curvature(
     graphdef: nnx.GraphDef,
     lora: Tree,
@@ -170,9 +173,10 @@ def fixed_curvature(
     """v ↦ C v for the curvature C of the mean objective over the real examples of `batches`.
 
     Each batch contributes in proportion to its number of real examples, so the result is the
-    mean over the whole sample however it was cut into batches. For the Hessian each batch's
-    gradient is linearized here, once; every product then reuses the linearization (memory:
-    the activations of every batch of the sample are kept).
+    mean over the whole sample however it was cut into batches. Each batch is linearized here,
+    once (`kernels.linearize_hvp` for the Hessian, `kernels.linearize_gnvp` for Gauss-Newton);
+    every product then reuses the linearizations (memory: the activations of every batch of
+    the sample are kept).
 
     Args:
         graphdef, lora, base: The model, split by `split_for_curvature`; the curvature is taken
@@ -198,8 +202,9 @@ def fixed_curvature(
             if count
         ]
     else:
+        logits = _logits_function(graphdef)
         pieces = [
-            _linearize_gauss_newton(lora, base, batch, graphdef=graphdef)
+            kernels.linearize_gnvp(logits, _loss_of_logits, lora, base, batch)
             for batch, count in zip(batches, counts, strict=True)
             if count
         ]
@@ -214,34 +219,6 @@ def _weighted_sum_of_products(pieces, weights, v: Tree) -> Tree:
     for piece, weight in zip(pieces[1:], weights[1:], strict=True):
         result = kernels.tree_add_scaled(result, weight, piece(v))
     return result
-
-
-def _linearize_gauss_newton(lora, base, batch, *, graphdef) -> Callable[[Tree], Tree]:
-    """v ↦ Jᵀ Λ J v for one batch, with the model linearized once (J and Jᵀ reuse it)."""
-    logits, logits_jvp = _linearized_logits(lora, base, batch, graphdef=graphdef)
-    batch = Batch(*(jnp.asarray(field) for field in batch))
-    return jax.tree_util.Partial(_apply_gauss_newton, logits_jvp, logits, batch)
-
-
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _linearized_logits(lora, base, batch, *, graphdef):
-    return jax.linearize(
-        functools.partial(_logits_function(graphdef), base=base, batch=batch), lora
-    )
-
-
-@jax.jit
-def _apply_gauss_newton(logits_jvp, logits, batch, v):
-    # `logits_jvp` is a Partial holding the saved linearization: J v and Jᵀ u reuse it.
-    direction = logits_jvp(v)
-    loss_gradient = jax.grad(functools.partial(_mean_loss_of_logits, batch=batch))
-    curvature = jax.jvp(loss_gradient, (logits,), (direction,))[1]
-    (product,) = jax.linear_transpose(logits_jvp, v)(curvature)
-    return product
-
-
-def _mean_loss_of_logits(logits, *, batch):
-    return mean_loss(logits, batch)
 
 
 def stochastic_curvature(
@@ -281,20 +258,23 @@ def stochastic_curvature(
 
 @functools.cache
 def batch_product(graphdef: nnx.GraphDef, kind: CurvatureKind) -> Callable[..., Tree]:
-    """`(lora, base, batch, v) ↦ C_batch v`, linearizing afresh on every call.
+    """`(lora, base, batch, v) ↦ C_batch v` (`kernels.hvp` or `kernels.gnvp`), linearizing
+    afresh on every call.
 
     What one product of a stochastic solver computes; also what a fixed-sample product costs
     at most (that one reuses its saved linearization), for cost accounting.
     """
     _check_kind(kind)
     loss = objective(graphdef)
+    logits = _logits_function(graphdef)
 
     def product(lora: Tree, base: Tree, batch: Batch, v: Tree) -> Tree:
         if kind == "hessian":
             return kernels.hvp(loss, lora, v, base, batch)
-        return _gauss_newton_product(lora, base, batch, v, graphdef=graphdef)
+        return kernels.gnvp(logits, _loss_of_logits, lora, v, base, batch)
 
-    return product
+    # Compiled when called on its own; inside a jitted solver it is traced into the loop.
+    return jax.jit(product)
 
 
 @functools.cache

@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 
@@ -142,7 +143,8 @@ def ensure_defaults(
     Args:
         cache_dir: the cache folder (see `cache_root`).
         recipe: what to build; the default recipe is what `jaxunlearn demo` uses.
-        progress: show progress bars and messages while building.
+        progress: show progress bars and messages while building, on stderr (stdout stays
+            free for the caller's output).
     """
     root = cache_root(cache_dir) / f"default-{recipe.fingerprint()}"
     assets = _assets(root, recipe)
@@ -160,7 +162,11 @@ def ensure_defaults(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if progress:
-        print(f"built the embedded default in {time.perf_counter() - start:.0f} s: {root}")
+        # stderr: `jaxunlearn defaults` and `demo --json` print JSON alone on stdout.
+        print(
+            f"built the embedded default in {time.perf_counter() - start:.0f} s: {root}",
+            file=sys.stderr,
+        )
     return assets
 
 

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +29,9 @@ import numpy as np
 from flax import nnx
 
 from jaxunlearn import curvature
+from jaxunlearn._strict_json import strict_dumps
 from jaxunlearn.adapter import LoraSettings, attach_lora
-from jaxunlearn.data import tokenize_examples
+from jaxunlearn.data import load_examples, tokenize_examples
 from jaxunlearn.defaults import ensure_defaults
 from jaxunlearn.eval import (
     compiled_flops,
@@ -47,7 +49,20 @@ from jaxunlearn.eval import (
 )
 from jaxunlearn.models import LORA_TARGETS
 from jaxunlearn.train import TrainConfig, finetune
-from jaxunlearn.unlearn import EraserSettings, Removal, llmeraser, prepare_llmeraser, retrain
+from jaxunlearn.unlearn import (
+    DEFAULT_LEDGER_NAME,
+    EraserSettings,
+    LLMEraser,
+    Provenance,
+    Removal,
+    Sources,
+    UnlearningContext,
+    apply_request,
+    examples_digest,
+    open_adapter,
+    retrain,
+    save_root_adapter,
+)
 
 __all__ = ["MODELS", "DemoSettings", "run_demo"]
 
@@ -81,24 +96,13 @@ class DemoSettings:
     learning_rate: float = 1e-2
     l2_regularization: float = 1e-2
     batch_size: int = 32
-    # A Newton step on the objective after the request, with that objective's own curvature
-    # (the sample less the removed examples) and no damping beyond the penalty's μ, by CG
-    # truncated at 7 steps. On this demo 6 steps fall short of halfway on forget perplexity and
-    # 8 cost 5.7% of the retrain; 64 examples instead of 96 leave retain perplexity 5-7% above
-    # the retrain's. Batches of 8 pad less than batches of 32 (1.5x faster products).
-    eraser: EraserSettings = dataclasses.field(
-        default_factory=lambda: EraserSettings(
-            solver="cg",
-            mode="newton",
-            curvature="gauss_newton",
-            damping=0.0,
-            l2_regularization=1e-2,
-            sample_size=96,
-            batch_size=8,
-            max_steps=7,
-            leave_out_request=True,
-        )
-    )
+    # LLMEraser's defaults are this demo's recipe: a Newton step on the objective after the
+    # request, with that objective's own curvature (the sample less the removed examples) and
+    # no damping beyond the penalty's μ, by CG truncated at 7 steps. On this demo 6 steps fall
+    # short of halfway on forget perplexity and 8 cost 5.7% of the retrain; 64 examples instead
+    # of 96 leave retain perplexity 5-7% above the retrain's. Batches of 8 pad less than batches
+    # of 32 (1.5x faster products).
+    eraser: EraserSettings = dataclasses.field(default_factory=EraserSettings)
     seed: int = 0
 
     def lora_settings(self) -> LoraSettings:
@@ -120,7 +124,10 @@ class DemoSettings:
 
     def eraser_settings(self) -> EraserSettings:
         """`eraser`, told the fine-tune's penalty."""
-        return dataclasses.replace(self.eraser, l2_regularization=self.l2_regularization)
+        curvature_settings = dataclasses.replace(
+            self.eraser.curvature, l2_regularization=self.l2_regularization
+        )
+        return dataclasses.replace(self.eraser, curvature=curvature_settings)
 
 
 def run_demo(
@@ -173,19 +180,52 @@ def run_demo(
     finetune_seconds = original.history.wall_seconds - original.history.compile_seconds
     original_model = original.model
 
-    log("Preparing LLMEraser (curvature sample, damping, full-data gradient)...")
-    unlearned_model = nnx.clone(original_model)
-    eraser = settings.eraser_settings()
-    preparation = prepare_llmeraser(unlearned_model, data, settings=eraser)
-    erased = llmeraser(
-        unlearned_model,
-        Removal(forget_ids),
+    log("Unlearning the forget set with LLMEraser (through apply_request)...")
+    lineage = output / "lineage"
+    shutil.rmtree(lineage, ignore_errors=True)
+    train_file = assets.corpus_dir / "train.jsonl"
+    if examples_digest(load_examples(train_file)) != examples_digest(examples):
+        raise RuntimeError(f"{train_file} does not hold the corpus's training examples.")
+    provenance = Provenance.of_training(
+        base_model=assets.model_dir,
+        tokenizer=assets.tokenizer_dir,
+        data=train_file,
         examples=examples,
-        data=data,
+        train_config=dataclasses.asdict(config),
+        tokenization={
+            "max_length": recipe.max_length,
+            "truncate": False,
+            "buckets": list(data.buckets),
+        },
+    )
+    ledger = save_root_adapter(
+        original_model,
+        lineage / "original",
+        provenance=provenance,
+        base_model=assets.model_dir,
+        ledger=lineage / DEFAULT_LEDGER_NAME,
+        lora_settings=lora,
+    )
+    eraser = settings.eraser_settings()
+    erased = apply_request(
+        Removal(forget_ids),
+        adapter=lineage / "original",
+        out=lineage / "unlearned",
+        sources=Sources(
+            base_model=assets.model_dir, data=train_file, tokenizer=assets.tokenizer_dir
+        ),
+        method=LLMEraser.name,
         settings=eraser,
-        preparation=preparation,
+        ledger=ledger.path,
+        preparation=lineage / "preparation",
+        log=log,
     )
     log(erased.message)
+    unlearned_model = open_adapter(erased.adapter, assets.model_dir).model
+    preparation = LLMEraser().load_preparation(
+        lineage / "preparation",
+        UnlearningContext(original_model, examples, data, tokenizer, "", ""),
+    )
 
     log("Retraining without the forgotten people (the reference)...")
     retrained = retrain(
@@ -262,7 +302,8 @@ def run_demo(
         )
     figures["cost"] = _cost(
         erased,
-        preparation,
+        preparation.value,
+        data.indices_of(forget_ids),
         retrain_seconds,
         retrain_compile_seconds,
         finetune_seconds,
@@ -285,6 +326,7 @@ def run_demo(
 def _cost(
     erased,
     preparation,
+    forget_indices,
     retrain_seconds,
     retrain_compile_seconds,
     finetune_seconds,
@@ -307,8 +349,8 @@ def _cost(
     graphdef, lora, base = curvature.split_for_curvature(model)
     eraser = settings.eraser_settings()
     gradient = jax.grad(curvature.objective(graphdef))
-    product = curvature.batch_product(graphdef, eraser.curvature)
-    batch_size = eraser.batch_size
+    product = curvature.batch_product(graphdef, eraser.curvature.kind)
+    batch_size = eraser.curvature.batch_size
     # One cost analysis (a compilation) per function and batch shape, shared by every count.
     flops_by_shape: dict[tuple[Any, tuple[int, ...]], float] = {}
 
@@ -328,29 +370,31 @@ def _cost(
         return total_flops(gradient, dataset, np.arange(len(dataset)), batch_rows)
 
     unlearn_flops = gradient_flops(forget_data, batch_size)
-    if erased.solution is not None and eraser.solver != "lowrank":
+    if eraser.solver != "lowrank":
         sample = preparation.sample_indices
-        if eraser.leave_out_request:
-            sample = np.setdiff1d(sample, erased.resolved.indices)
+        if eraser.curvature.leave_out_request:
+            sample = np.setdiff1d(sample, forget_indices)
         per_product = total_flops(
             lambda lora, base, batch: product(lora, base, batch, lora), data, sample, batch_size
         )
-        unlearn_flops += int(erased.solution.steps) * per_product
+        unlearn_flops += int(erased.figures["solver_steps"]) * per_product
     epochs = settings.epochs
     retrain_flops = epochs * gradient_flops(retain_data, config.batch_size)
     prepare_products = preparation.spectrum.num_steps
+    unlearn_seconds = erased.figures["seconds"]
+    unlearn_compile_seconds = erased.figures["compile_seconds"]
+    prepare_seconds = erased.figures["prepare_seconds"]
     return {
         "finetune_seconds": finetune_seconds,
         "retrain_seconds": retrain_seconds,
         "retrain_compile_seconds": retrain_compile_seconds,
-        "prepare_seconds": preparation.seconds,
-        "unlearn_seconds": erased.seconds,
-        "unlearn_compile_seconds": erased.compile_seconds,
-        "unlearn_over_retrain": erased.seconds / retrain_seconds,
-        "unlearn_over_retrain_compilation_included": (erased.seconds + erased.compile_seconds)
+        "prepare_seconds": prepare_seconds,
+        "unlearn_seconds": unlearn_seconds,
+        "unlearn_compile_seconds": unlearn_compile_seconds,
+        "unlearn_over_retrain": unlearn_seconds / retrain_seconds,
+        "unlearn_over_retrain_compilation_included": (unlearn_seconds + unlearn_compile_seconds)
         / (retrain_seconds + retrain_compile_seconds),
-        "unlearn_and_prepare_over_retrain": (erased.seconds + preparation.seconds)
-        / retrain_seconds,
+        "unlearn_and_prepare_over_retrain": (unlearn_seconds + prepare_seconds) / retrain_seconds,
         "unlearn_gradient_flops": unlearn_flops,
         "retrain_gradient_flops": retrain_flops,
         "unlearn_flops_over_retrain": unlearn_flops / retrain_flops,
@@ -410,7 +454,7 @@ def summary_table(figures: dict[str, Any]) -> str:
 
 
 def _write_report(output: pathlib.Path, figures, scores) -> None:
-    (output / "report.json").write_text(json.dumps(figures, indent=2))
+    (output / "report.json").write_text(strict_dumps(figures, indent=2))
     plot_forget_losses(
         output / "forget_losses.png",
         {name: np.asarray(figures["per_example"][name]["forget_losses"]) for name in MODELS},

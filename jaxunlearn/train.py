@@ -5,13 +5,16 @@ tree, micro-batches, step): it averages the gradients of `grad_accumulation` mic
 applies clipped AdamW with a warmup + cosine schedule. Everything random is a function of
 `TrainConfig.seed` and the step number (the data order of each epoch, the dropout keys of each
 micro-batch), so a run resumed from a checkpoint ends with the same adapter, bit for bit, as a
-run that was never interrupted.
+run that was never interrupted. A checkpoint records digests of the data it was trained on, so
+that a run is never resumed on other data.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
@@ -28,14 +31,43 @@ from tqdm.auto import tqdm
 
 from jaxunlearn.batch import Batch, example_losses, mean_loss
 from jaxunlearn.checkpoint import Checkpointer
+from jaxunlearn.data import DataError
+from jaxunlearn.errors import SettingsError, UserError
 
-__all__ = ["BatchSource", "TrainConfig", "TrainHistory", "TrainResult", "finetune"]
+__all__ = [
+    "BatchSource",
+    "ResumeMismatchError",
+    "TrainConfig",
+    "TrainHistory",
+    "TrainResult",
+    "TrainingDivergedError",
+    "finetune",
+]
 
 logger = logging.getLogger(__name__)
 
 # Settings that change how a run is observed and saved, not the adapter it produces: a resumed
 # run may change them.
 _RESUMABLE_CHANGES = frozenset({"eval_every", "checkpoint_every", "keep_checkpoints"})
+
+# A fine-tune moves a weight by a few tenths, pre-training from scratch by a few units. Adam
+# moves every coordinate by about the learning rate per step whatever the gradient's size, so
+# a move of 1000 takes 1000 / learning_rate steps of one sign: 5 million at 2e-4, a single step
+# at 1e4. No run that learns gets there; a run whose learning rate is far too high does, and
+# its loss need not show it (normalization layers keep the loss near that of a uniform guess).
+_MAX_PARAMETER_CHANGE = 1e3
+# Examples per `batch` call when the training data is digested.
+_DIGEST_CHUNK = 256
+
+
+class TrainingDivergedError(UserError, RuntimeError):
+    """Training diverged: a loss, a gradient or a trained parameter is not finite, or a
+    parameter moved absurdly far (see `finetune`). Lowering the learning rate is the fix."""
+
+
+class ResumeMismatchError(UserError, ValueError):
+    """A checkpoint to resume from belongs to another run: another `TrainConfig`, other
+    training data, or a model whose trainable parameters do not match it."""
 
 
 class BatchSource(Protocol):
@@ -89,6 +121,9 @@ class TrainConfig:
         group_by_length: Make each step read examples of similar length (sorted within
             windows of 16 steps of the epoch's permutation, then the steps shuffled), so that
             batches pad to shorter buckets. The order still depends only on the seed.
+
+    Raises:
+        SettingsError: If a setting is out of range (the message names it).
     """
 
     learning_rate: float = 2e-4
@@ -109,13 +144,15 @@ class TrainConfig:
         for name in ("learning_rate", "max_grad_norm"):
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value) or value <= 0:
-                raise ValueError(
+                raise SettingsError(
                     f"TrainConfig.{name} must be a positive finite number, got {value!r}."
                 )
         for name in ("weight_decay", "l2_regularization"):
             value = getattr(self, name)
             if not _is_real(value) or not 0 <= value < math.inf:
-                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}.")
+                raise SettingsError(
+                    f"TrainConfig.{name} must be a finite number >= 0, got {value!r}."
+                )
         for name in (
             "num_steps",
             "batch_size",
@@ -126,13 +163,15 @@ class TrainConfig:
         ):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
+                raise SettingsError(
+                    f"TrainConfig.{name} must be a positive integer, got {value!r}."
+                )
         for name in ("warmup_steps", "seed"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
-                raise ValueError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}.")
+                raise SettingsError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}.")
         if self.warmup_steps >= self.num_steps:
-            raise ValueError(
+            raise SettingsError(
                 f"TrainConfig.warmup_steps ({self.warmup_steps}) must be smaller than num_steps "
                 f"({self.num_steps}): the cosine decay needs at least one step."
             )
@@ -218,8 +257,10 @@ def finetune(
             `None` saves nothing.
         resume: Continue from the latest checkpoint in `checkpoint_dir`, or start from scratch
             if it holds none. The run must use the same `TrainConfig` (up to `eval_every`,
-            `checkpoint_every` and `keep_checkpoints`), the same number of training examples,
-            and a model with the same structure.
+            `checkpoint_every` and `keep_checkpoints`), the same training data (the same
+            example ids, when `train_data` has `ids`, and the same tokens and loss masks, as
+            recorded by digests in the checkpoint; a checkpoint written before digests were
+            recorded is resumed with a warning), and a model with the same structure.
         trainable: An NNX filter for the parameters to train: `nnx.LoRAParam` (the adapters
             only) or `nnx.Param` (every parameter, e.g. to pre-train a small base model).
         progress: Show a tqdm progress bar with the loss and tokens per second.
@@ -227,19 +268,30 @@ def finetune(
     Returns:
         The trained model and the history of the run.
 
+    Training is refused as diverged (`TrainingDivergedError`, the model keeps its weights)
+    when a step's loss or gradient norm is not finite (that step is not applied), or, checked
+    before every checkpoint and after the last step, when a trained parameter is not finite,
+    when one moved by more than 1000 from its value in `model` (an honest bound: Adam moves
+    a coordinate by about the learning rate per step, so no run that learns gets there, while
+    a learning rate of 1e4 moves every weight by 1e4 in its first step), or when the last
+    evaluation of `eval_data` is not finite. Nothing is saved then.
+
     Raises:
-        ValueError: For empty data, a filter that selects no parameter, batches of the wrong
-            size, `resume` without `checkpoint_dir`, or a checkpoint made by a different
-            config, dataset size or model.
+        DataError: If `train_data` or `eval_data` holds no example.
+        SettingsError: For a filter that selects no parameter, `resume` without
+            `checkpoint_dir`, or `group_by_length` without per-example lengths.
+        ResumeMismatchError: If the checkpoint to resume from was made by a different config,
+            training data or model.
         FileExistsError: If `checkpoint_dir` already holds checkpoints and `resume` is False.
-        FloatingPointError: If a step's loss or gradient is not finite (nothing is saved then).
+        TrainingDivergedError: If training diverged (see above).
+        ValueError: If a `BatchSource` returns batches of the wrong size.
     """
     started = time.perf_counter()
     num_examples = _checked_length(train_data, "train_data")
     if eval_data is not None:
         _checked_length(eval_data, "eval_data")
     if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs a checkpoint_dir to resume from.")
+        raise SettingsError("resume=True needs a checkpoint_dir to resume from.")
 
     # Views fix dropout on for the step and off for evaluation without touching `model`.
     train_view = nnx.view(model, deterministic=False, raise_if_not_found=False)
@@ -247,21 +299,32 @@ def finetune(
     graphdef, params, frozen = nnx.split(train_view, trainable, ...)
     eval_graphdef = nnx.split(eval_view, trainable, ...)[0]
     if not jax.tree.leaves(params):
-        raise ValueError(f"The filter trainable={trainable!r} selects no parameter of the model.")
-    # The step donates its inputs; copies keep the model's own arrays valid until the end.
-    params = jax.tree.map(jnp.copy, params)
+        raise SettingsError(
+            f"The filter trainable={trainable!r} selects no parameter of the model."
+        )
+    # The step donates its inputs; copies keep the model's own arrays valid until the end, and
+    # those are where the divergence check measures how far training moved the parameters.
+    initial_params, params = params, jax.tree.map(jnp.copy, params)
     settings = _OptimizerSettings.from_config(config)
     opt_state = _optimizer(settings).init(params)
     rng_data = jax.random.key_data(jax.random.key(config.seed))
 
-    checkpointer, step, history = None, 0, TrainHistory()
+    checkpointer, step, history, data_digest = None, 0, TrainHistory(), None
     if checkpoint_dir is not None:
+        data_digest = _data_digest(train_data)
         checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
         try:
             latest = _latest_to_resume(checkpointer, resume)
             if latest is not None:
                 params, opt_state, step, rng_data, history = _restore(
-                    checkpointer, latest, config, num_examples, params, opt_state, rng_data
+                    checkpointer,
+                    latest,
+                    config,
+                    num_examples,
+                    data_digest,
+                    params,
+                    opt_state,
+                    rng_data,
                 )
         except BaseException:
             checkpointer.close()
@@ -269,7 +332,7 @@ def finetune(
 
     lengths = getattr(train_data, "lengths", None)
     if config.group_by_length and lengths is None:
-        raise ValueError(
+        raise SettingsError(
             "TrainConfig.group_by_length needs train_data with per-example `lengths` "
             "(a TokenizedDataset has them)."
         )
@@ -278,6 +341,7 @@ def finetune(
         total=config.num_steps, initial=step, disable=not progress, desc="finetune", unit="step"
     )
     compiled_shapes: set[tuple[tuple[int, ...], ...]] = set()
+    checked_step = None
     try:
         tick = time.perf_counter()
         while step < config.num_steps:
@@ -298,9 +362,11 @@ def finetune(
             )
             metrics = {name: float(value) for name, value in metrics.items()}
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                raise FloatingPointError(
-                    f"Step {step + 1}: loss {metrics['loss']}, gradient norm "
-                    f"{metrics['grad_norm']}; lower the learning rate or check the data."
+                raise TrainingDivergedError(
+                    f"Training diverged at step {step + 1}: loss {metrics['loss']}, gradient "
+                    f"norm {metrics['grad_norm']}, learning rate {metrics['learning_rate']:.3g} "
+                    f"(peak TrainConfig.learning_rate {config.learning_rate:g}). Lower the "
+                    "learning rate (e.g. tenfold) or check the data."
                 )
             step += 1
             seconds = time.perf_counter() - tick
@@ -321,9 +387,12 @@ def finetune(
             if checkpointer is not None and (
                 step % config.checkpoint_every == 0 or step == config.num_steps
             ):
+                _check_not_diverged(params, initial_params, step, history, config)
+                checked_step = step
                 metadata = {
                     "train_config": dataclasses.asdict(config),
                     "num_examples": num_examples,
+                    "train_data": data_digest,
                     "step": step,
                     "data_position": order.position(step),
                     "history": _history_record(history),
@@ -334,6 +403,8 @@ def finetune(
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             tick = time.perf_counter()
+        if checked_step != step:
+            _check_not_diverged(params, initial_params, step, history, config)
     finally:
         bar.close()
         if checkpointer is not None:
@@ -602,8 +673,72 @@ def _checked_batch(batch: Batch, batch_size: int, name: str) -> Batch:
 def _checked_length(data: BatchSource, name: str) -> int:
     size = len(data)
     if size == 0:
-        raise ValueError(f"{name} holds no example.")
+        raise DataError(f"{name} holds no example.")
     return size
+
+
+@jax.jit
+def _largest_change(params: nnx.State, initial: nnx.State) -> jax.Array:
+    """The largest |Θ - Θ₀| over every trained parameter; NaN or inf where one is not finite."""
+    changes = [
+        jnp.max(jnp.abs(p.astype(jnp.float32) - q.astype(jnp.float32)))
+        for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(initial), strict=True)
+        if p.size
+    ]
+    return jnp.max(jnp.stack(changes)) if changes else jnp.zeros((), jnp.float32)
+
+
+def _check_not_diverged(
+    params: nnx.State, initial: nnx.State, step: int, history: TrainHistory, config: TrainConfig
+) -> None:
+    """Raises TrainingDivergedError if the parameters after `step` show a diverged run."""
+    change = float(_largest_change(params, initial))
+    eval_loss = (
+        history.eval_losses[-1] if history.eval_steps and history.eval_steps[-1] == step else None
+    )
+    if not math.isfinite(change):
+        problem = "the trained parameters are not finite"
+    elif change > _MAX_PARAMETER_CHANGE:
+        problem = (
+            f"a trained parameter moved by {change:.3g} from its starting value (more than "
+            f"{_MAX_PARAMETER_CHANGE:g}, which no run that learns reaches)"
+        )
+    elif eval_loss is not None and not math.isfinite(eval_loss):
+        problem = f"the eval loss is {eval_loss}"
+    else:
+        return
+    loss = history.losses[-1] if history.losses else math.nan
+    rate = history.learning_rates[-1] if history.learning_rates else config.learning_rate
+    raise TrainingDivergedError(
+        f"Training diverged by step {step}: {problem}; that step's loss was {loss:.4g} at "
+        f"learning rate {rate:.3g} (peak TrainConfig.learning_rate {config.learning_rate:g}). "
+        "Lower the learning rate (e.g. tenfold) and train again."
+    )
+
+
+def _data_digest(data: BatchSource) -> dict[str, str | None]:
+    """SHA-256 digests of what a run trains on: the example ids, and every example's tokens.
+
+    The tokens digest covers each example's real (attention-mask) token ids and their loss
+    mask, in order, so it does not depend on padding or bucket lengths. `ids` is `None` for a
+    source without an `ids` attribute.
+    """
+    ids = getattr(data, "ids", None)
+    ids_digest = None
+    if ids is not None:
+        ids_digest = hashlib.sha256(json.dumps([str(i) for i in ids]).encode()).hexdigest()
+    tokens = hashlib.sha256()
+    for start in range(0, len(data), _DIGEST_CHUNK):
+        batch = data.batch(np.arange(start, min(start + _DIGEST_CHUNK, len(data))))
+        input_ids, attention = np.asarray(batch.input_ids), np.asarray(batch.attention_mask)
+        loss_mask, real_rows = np.asarray(batch.loss_mask), np.asarray(batch.example_mask, bool)
+        for row in np.flatnonzero(real_rows):
+            real = attention[row].astype(bool)
+            # The length first, so that the bytes of consecutive examples cannot run together.
+            tokens.update(np.int64(real.sum()).tobytes())
+            tokens.update(input_ids[row][real].astype(np.int64).tobytes())
+            tokens.update(loss_mask[row][real].astype(np.float32).tobytes())
+    return {"ids_sha256": ids_digest, "tokens_sha256": tokens.hexdigest()}
 
 
 def _checkpoint_tree(
@@ -644,6 +779,7 @@ def _restore(
     step: int,
     config: TrainConfig,
     num_examples: int,
+    data_digest: dict[str, str | None],
     params: nnx.State,
     opt_state: optax.OptState,
     rng_data: jax.Array,
@@ -660,20 +796,21 @@ def _restore(
     ]
     if changed:
         details = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in changed)
-        raise ValueError(
+        raise ResumeMismatchError(
             f"Cannot resume from {where}: it was trained with a different TrainConfig "
             f"({details}). Resume with the same config, or choose another checkpoint_dir."
         )
     if metadata.get("num_examples") != num_examples:
-        raise ValueError(
+        raise ResumeMismatchError(
             f"Cannot resume from {where}: it was trained on {metadata.get('num_examples')} "
             f"examples, train_data has {num_examples}."
         )
+    _check_same_data(metadata.get("train_data"), data_digest, where)
     target = _checkpoint_tree(params, opt_state, step, rng_data)
     try:
         restored = checkpointer.restore(step, target=target)
     except ValueError as error:
-        raise ValueError(
+        raise ResumeMismatchError(
             f"Cannot resume from {where}: the model's trainable parameters or the optimizer "
             f"do not match it ({error})"
         ) from error
@@ -685,6 +822,33 @@ def _restore(
         restored["rng"],
         history,
     )
+
+
+def _check_same_data(
+    saved: dict[str, str | None] | None, current: dict[str, str | None], where: str
+) -> None:
+    """Raises ResumeMismatchError unless `current` digests the data the checkpoint saw."""
+    if saved is None:
+        logger.warning(
+            "%s records no digest of its training data (it was written by an older jaxunlearn): "
+            "resuming without checking that train_data is the data it was trained on.",
+            where,
+        )
+        return
+    saved_ids, current_ids = saved.get("ids_sha256"), current["ids_sha256"]
+    if saved_ids is not None and current_ids is not None and saved_ids != current_ids:
+        raise ResumeMismatchError(
+            f"Cannot resume from {where}: train_data holds other example ids (or the same in "
+            "another order) than the data it was trained on. Resume with the same data, or "
+            "choose another checkpoint_dir."
+        )
+    if saved.get("tokens_sha256") != current["tokens_sha256"]:
+        raise ResumeMismatchError(
+            f"Cannot resume from {where}: train_data holds other tokens than the data it was "
+            "trained on (the texts changed, or they were tokenized with another tokenizer, "
+            "max_length or truncation). Resume with the same data, or choose another "
+            "checkpoint_dir."
+        )
 
 
 def _is_int(value: Any) -> bool:

@@ -1,10 +1,12 @@
 """kernels: curvature math over arbitrary JAX pytrees.
 
-Curvature-vector products (Hessian, Gauss-Newton, empirical Fisher), per-example gradients,
-tree algebra, and solvers for damped systems (C + λI) x = b: conjugate gradients, LiSSA, a
-stochastic quadratic solver driven by any optax-style optimizer, and Lanczos eigenpairs with
-the low-rank inverse they define. Everything works on dicts, tuples, `nnx.State` or any other
-pytree, under `jax.jit`, and on sharded arrays; nothing is raveled. Imports only jax.
+Curvature-vector products (Hessian, Gauss-Newton, empirical Fisher) with one signature,
+`product(function(s), params, v, *args)` (the `linearize_*` forms: the same without `v`),
+per-example gradients, tree algebra, and solvers for damped systems (C + λI) x = b: conjugate
+gradients, LiSSA, a stochastic quadratic solver driven by any optax-style optimizer, and
+Lanczos eigenpairs with the low-rank inverse they define. Everything works on dicts, tuples,
+`nnx.State` or any other pytree, under `jax.jit`, and on sharded arrays; nothing is raveled.
+Imports only jax.
 """
 
 from kernels._cg import CGState, cg, cg_solver
@@ -16,7 +18,14 @@ from kernels._lanczos import (
     lowrank_inverse,
 )
 from kernels._lissa import LissaState, lissa, lissa_solver
-from kernels._products import fisher_vp, gnvp, hvp, linearize_hvp, per_example_grads
+from kernels._products import (
+    fisher_vp,
+    gnvp,
+    hvp,
+    linearize_gnvp,
+    linearize_hvp,
+    per_example_grads,
+)
 from kernels._sgd_quadratic import (
     GradientTransformation,
     SGDQuadraticState,
@@ -53,6 +62,7 @@ __all__ = [
     "iterate",
     "lanczos",
     "lanczos_iteration",
+    "linearize_gnvp",
     "linearize_hvp",
     "lissa",
     "lissa_solver",

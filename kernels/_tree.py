@@ -1,8 +1,9 @@
 """Linear algebra on pytrees, leaf by leaf.
 
 Nothing here ravels a tree into one vector: under sharding, raveling gathers every leaf onto
-one device. Inner products upcast each leaf to at least float32 before summing, so a
-bfloat16 adapter still gets float32 (or float64) reductions.
+one device, and even raveling one leaf (as `jnp.vdot` does) reshapes a sharded array. Inner
+products multiply leaf by leaf and sum over every axis in at least float32, so a bfloat16
+adapter still gets float32 (or float64) reductions.
 """
 
 from collections.abc import Callable
@@ -12,6 +13,10 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
+
+# On TPUs (and GPUs with TF32) the default precision of a float32 contraction is lower than
+# float32; the combinations of Lanczos vectors must not be.
+_FULL_PRECISION = jax.lax.Precision.HIGHEST
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
@@ -30,8 +35,11 @@ def tree_vdot(left: PyTree, right: PyTree) -> jax.Array:
 
 
 def _leaf_vdot(left: jax.Array, right: jax.Array) -> jax.Array:
+    # An elementwise product reduced over all axes, rather than a dot of raveled leaves: it
+    # keeps each leaf's sharding and involves no reduced-precision matmul passes. Under jit,
+    # XLA fuses the product into the reduction, so no temporary of the leaf's size is made.
     dtype = accumulation_dtype(jnp.result_type(left, right))
-    return jnp.vdot(left.astype(dtype), right.astype(dtype))
+    return jnp.sum(jnp.conj(left.astype(dtype)) * right.astype(dtype))
 
 
 def tree_norm(tree: PyTree) -> jax.Array:
@@ -125,7 +133,9 @@ def stacked_combination(coefficients: jax.Array, stack: PyTree) -> PyTree:
 
     def combine(leaf):
         dtype = accumulation_dtype(jnp.result_type(leaf, coefficients))
-        combined = jnp.tensordot(coefficients.astype(dtype), leaf.astype(dtype), axes=1)
+        combined = jnp.tensordot(
+            coefficients.astype(dtype), leaf.astype(dtype), axes=1, precision=_FULL_PRECISION
+        )
         return combined.astype(leaf.dtype)
 
     return jax.tree.map(combine, stack)

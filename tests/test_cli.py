@@ -59,7 +59,7 @@ def test_finetune_writes_an_adapter_that_changes_the_model(corpus_and_model, tmp
     assert summary["steps"] == 4
     assert np.isfinite(summary["final_loss"])
     tuned, metadata = load_lora(load(model_dir), tmp_path / "run" / "adapter")
-    assert metadata["example_ids"] == [example.id for example in load_examples(data)]
+    assert metadata["provenance"]["example_ids"] == [example.id for example in load_examples(data)]
     assert metadata["lora"]["targets"] == [
         "q_proj",
         "k_proj",
@@ -115,10 +115,9 @@ def test_finetune_continues_a_peft_adapter_and_saves_it_in_our_format(
     settings, metadata = read_lora_settings(tmp_path / "run" / "adapter")
     assert settings == LoraSettings(rank=2, alpha=4.0, targets=("k_proj", "up_proj"))
     assert metadata["initial_peft_adapter"] == str(tmp_path / "peft")
-    assert metadata["tokenization"] == {
-        "max_length": TINY_CONFIG.max_position_embeddings,
-        "truncate": False,
-    }
+    tokenization = metadata["provenance"]["tokenization"]
+    assert tokenization["max_length"] == TINY_CONFIG.max_position_embeddings
+    assert tokenization["truncate"] is False
     tuned, _ = load_lora(load(model_dir), tmp_path / "run" / "adapter")
     tuned_b = [
         leaf for path, leaf in nnx.to_flat_state(split_lora(tuned)[1]) if path[-1] == "lora_b"
@@ -159,6 +158,7 @@ def test_finetune_targets_all_of_a_gpt2_model_and_saves_peft(corpus_and_model, t
     assert sorted(path.name for path in adapter.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "jaxunlearn-provenance.json",  # ignored by PEFT
     ]
     peft_config = json.loads((adapter / "adapter_config.json").read_text())
     assert sorted(peft_config["target_modules"]) == sorted(lora_targets(config))

@@ -103,39 +103,45 @@ def removal(assets, tmp_path_factory):
         "runs": runs,
         "arguments": arguments,
         "stdout": buffer.getvalue(),
-        "ledger": runs / "unlearn-ledger.jsonl",
+        "ledger": assets["root"] / "unlearn-ledger.jsonl",  # beside the adapter
         "preparation": runs / "preparation",
     }
 
 
-def test_removal_writes_a_changed_adapter_and_one_text_free_ledger_entry(assets, removal):
+def intents(ledger_path) -> list:
+    return [record for record in Ledger(ledger_path).records() if record.type == "intent"]
+
+
+def test_removal_writes_a_changed_adapter_and_one_text_free_ledger_record(assets, removal):
     assert removal["status"] == 0
     summary = json.loads(removal["stdout"])  # --json: stdout is the JSON object alone
     out = removal["out"]
     assert summary["applied"] is True
     assert summary["adapter"] == str(out.absolute())
-    assert summary["adapter_format"] == "jaxunlearn"
+    assert summary["kind"] == "removal"
     assert summary["num_examples"] == 2
     assert summary["figures"]["solver_steps"] == 5
     assert summary["figures"]["prepare_seconds"] > 0  # prepared in this run, and saved
+    assert summary["approximate"] is True  # CG stopped at its 5-step budget
     assert (removal["preparation"]).is_dir()
 
     before, _ = load_lora(load(assets["model"]), assets["adapter"])
     after, metadata = load_lora(load(assets["model"]), out)
     assert_differs(lora_leaves(before), lora_leaves(after))
     # The new adapter stands for the data less the removed examples, and does not name them.
-    assert not set(FORGET) & set(metadata["example_ids"])
-    assert len(metadata["example_ids"]) == len(load_examples(assets["data"])) - 2
-    assert metadata["unlearning"][0]["fingerprint"] == summary["fingerprint"]
+    provenance = metadata["provenance"]
+    assert not set(FORGET) & set(provenance["example_ids"])
+    assert len(provenance["example_ids"]) == len(load_examples(assets["data"])) - 2
+    assert [step["kind"] for step in provenance["requests"]] == ["removal"]
 
-    (entry,) = Ledger(removal["ledger"]).entries()
-    assert entry.fingerprint == summary["fingerprint"]
-    assert entry.kind == "removal"
-    assert entry.num_examples == 2
-    assert entry.adapter == str(out.absolute())
-    assert entry.adapter_sha256 == file_sha256(out)
-    assert entry.settings["solver"] == "cg"
-    assert entry.settings["sample_size"] == 8
+    (intent,) = intents(removal["ledger"])
+    assert intent.sequence == summary["record"]
+    assert intent["kind"] == "removal"
+    assert intent["num_examples"] == 2
+    assert intent["adapter"] == str(out.absolute())
+    assert intent["adapter_digest"] == summary["adapter_digest"]
+    assert intent["settings"]["solver"] == "cg"
+    assert intent["settings"]["curvature"]["sample_size"] == 8
     ledger_text = removal["ledger"].read_text()
     for example in load_examples(assets["data"]):
         if example.id in FORGET:
@@ -158,7 +164,9 @@ def test_repeating_a_request_is_a_no_op(assets, removal, capsys):
     )
     assert main([*reordered, "--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["applied"] is False
+    summary = json.loads(captured.out)
+    assert summary["applied"] is False
+    assert summary["adapter"] == str(removal["out"].absolute())
     assert "already applied" in captured.err
     assert not again.exists()
     assert removal["ledger"].read_bytes() == ledger_before
@@ -179,28 +187,6 @@ def test_a_request_touching_removed_examples_is_refused(assets, removal, capsys)
     assert removal["ledger"].read_bytes() == ledger_before
 
 
-def test_a_response_edit_reuses_the_saved_preparation(assets, removal, tmp_path, capsys):
-    edits = tmp_path / "edits.jsonl"
-    edits.write_text(json.dumps({"id": "person-00001/fact/email", "response": " unknown."}) + "\n")
-    out = removal["runs"] / "corrected"
-    arguments = unlearn_arguments(
-        assets, "--edit-responses", str(edits), out=out, adapter=removal["out"]
-    )
-    assert main([*arguments, "--preparation", str(removal["preparation"]), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["kind"] == "response_edit"
-    assert summary["num_examples"] == 1
-    assert summary["figures"]["prepare_seconds"] == 0  # loaded, not prepared again
-    before, _ = load_lora(load(assets["model"]), removal["out"])
-    after, metadata = load_lora(load(assets["model"]), out)
-    assert_differs(lora_leaves(before), lora_leaves(after))
-    assert [step["kind"] for step in metadata["unlearning"]] == ["removal", "response_edit"]
-    assert [entry.kind for entry in Ledger(removal["ledger"]).entries()] == [
-        "removal",
-        "response_edit",
-    ]
-
-
 def test_a_preparation_made_with_other_settings_is_refused(assets, removal, capsys):
     out = removal["runs"] / "mismatch"
     arguments = unlearn_arguments(
@@ -214,28 +200,54 @@ def test_a_preparation_made_with_other_settings_is_refused(assets, removal, caps
     assert not out.exists()
 
 
+def test_a_response_edit_chains_on_the_removal(assets, removal, tmp_path, capsys):
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(json.dumps({"id": "person-00001/fact/email", "response": " unknown."}) + "\n")
+    out = removal["runs"] / "corrected"
+    arguments = unlearn_arguments(
+        assets, "--edit-responses", str(edits), out=out, adapter=removal["out"]
+    )
+    assert main([*arguments, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["kind"] == "response_edit"
+    assert summary["num_examples"] == 1
+    before, _ = load_lora(load(assets["model"]), removal["out"])
+    after, metadata = load_lora(load(assets["model"]), out)
+    assert_differs(lora_leaves(before), lora_leaves(after))
+    requests = metadata["provenance"]["requests"]
+    assert [step["kind"] for step in requests] == ["removal", "response_edit"]
+    assert [intent["kind"] for intent in intents(removal["ledger"])] == [
+        "removal",
+        "response_edit",
+    ]
+
+
 def test_peft_adapter_in_and_out(assets, removal, tmp_path, capsys):
     out = tmp_path / "unlearned"
     arguments = unlearn_arguments(
         assets, "--forget", "person-00001/biography", out=out, peft=assets["peft"]
     )
     # The PEFT copy holds the same adapter, so the removal's preparation fits it.
-    assert main([*arguments, "--preparation", str(removal["preparation"])]) == 0
+    ledger = tmp_path / "ledger.jsonl"
+    arguments += ["--preparation", str(removal["preparation"]), "--ledger", str(ledger)]
+    assert main(arguments) == 0
     captured = capsys.readouterr()
     assert "LLMEraser" in captured.out
     assert str(out.absolute()) in captured.out
-    # The input's format by default: a PEFT directory that loads back as PEFT.
+    # The input's format by default: a PEFT directory that loads back as PEFT, with the
+    # provenance in a file PEFT ignores.
     assert sorted(path.name for path in out.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "jaxunlearn-provenance.json",
     ]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "tiny/base"
     before = load_peft_adapter(load(assets["model"]), assets["peft"])
     after = load_peft_adapter(load(assets["model"]), out)
     assert_differs(lora_leaves(before), lora_leaves(after))
-    (entry,) = Ledger(tmp_path / "unlearn-ledger.jsonl").entries()
-    assert entry.adapter_sha256 == file_sha256(out)
+    (intent,) = intents(ledger)
+    assert intent["adapter_format"] == "peft"
 
 
 @pytest.mark.parametrize(
@@ -244,8 +256,9 @@ def test_peft_adapter_in_and_out(assets, removal, tmp_path, capsys):
         (["--forget", "person-00000/biography,nobody/at-all"], "nobody/at-all"),
         (["--forget-file", "ALL_IDS"], "all 39 examples"),
         (["--edit-queries", "BAD_EDITS"], "line 1"),
+        (["--forget", "person-00002/biography", "--damping", "1e30"], "changes the adapter"),
     ],
-    ids=["unknown-ids", "whole-dataset", "malformed-edits"],
+    ids=["unknown-ids", "whole-dataset", "malformed-edits", "no-effect"],
 )
 def test_bad_requests_exit_2_in_one_line_and_write_nothing(
     assets, tmp_path, capsys, request_arguments, expected
@@ -257,32 +270,102 @@ def test_bad_requests_exit_2_in_one_line_and_write_nothing(
     files = {"ALL_IDS": str(all_ids), "BAD_EDITS": str(bad_edits)}
     request_arguments = [files.get(item, item) for item in request_arguments]
     out = tmp_path / "runs" / "out"
+    ledger = tmp_path / "ledger.jsonl"
     arguments = unlearn_arguments(assets, *request_arguments, out=out, adapter=assets["adapter"])
-    assert main(arguments) == 2
+    assert main([*arguments, "--ledger", str(ledger)]) == 2
     error = capsys.readouterr().err
     assert error.startswith("jaxunlearn unlearn: error:")
     assert error.count("\n") == 1
     assert expected in error
-    assert not (tmp_path / "runs").exists()  # neither the adapter nor the ledger
+    assert not (tmp_path / "runs").exists()
+    assert intents(ledger) == []  # nothing recorded (the adapter's registration only)
 
 
 def test_a_failed_solve_exits_2_and_writes_nothing(assets, tmp_path, capsys, monkeypatch):
-    import jaxunlearn.unlearn
+    from jaxunlearn.unlearn import LLMEraser
 
     def diverging(*args, **kwargs):
         raise kernels.SolverError("solve failed with status DIVERGED after 3 steps:\nthe iterates")
 
     # A real preparation costs seconds; the CLI only needs to hold one when the solve fails.
-    monkeypatch.setattr(jaxunlearn.unlearn, "prepare_llmeraser", lambda *a, **k: object())
-    monkeypatch.setattr(jaxunlearn.unlearn, "llmeraser", diverging)
+    monkeypatch.setattr(LLMEraser, "prepare", lambda *a, **k: None)
+    monkeypatch.setattr(LLMEraser, "warm_up", lambda *a, **k: None)
+    monkeypatch.setattr(LLMEraser, "apply", diverging)
     out = tmp_path / "runs" / "out"
+    ledger = tmp_path / "ledger.jsonl"
     arguments = unlearn_arguments(assets, "--forget", FORGET[0], out=out, adapter=assets["adapter"])
-    assert main([*arguments, "--preparation", str(tmp_path / "runs" / "preparation")]) == 2
+    arguments += ["--preparation", str(tmp_path / "runs" / "preparation"), "--ledger", str(ledger)]
+    assert main(arguments) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1
     assert "DIVERGED" in error
-    # Not the adapter, not the ledger, not even the (valid) preparation.
+    # Not the adapter, not a ledger record, not even the preparation.
     assert not (tmp_path / "runs").exists()
+    assert intents(ledger) == []
+
+
+def test_the_cli_and_apply_request_write_the_same_adapter_and_ledger(assets, tmp_path):
+    """One implementation: the CLI only parses and calls `apply_request`."""
+    from jaxunlearn.unlearn import (
+        CurvatureSettings,
+        EraserSettings,
+        Removal,
+        Sources,
+        apply_request,
+    )
+
+    results = {}
+    for name in ("cli", "library"):
+        folder = tmp_path / name
+        ledger = folder / "ledger.jsonl"
+        out = folder / "out"
+        if name == "cli":
+            arguments = unlearn_arguments(
+                assets, "--forget", ",".join(FORGET), out=out, adapter=assets["adapter"]
+            )
+            assert main([*arguments, "--ledger", str(ledger)]) == 0
+        else:
+            settings = EraserSettings(
+                solver="cg",
+                max_steps=5,
+                curvature=CurvatureSettings(
+                    kind="gauss_newton", sample_size=8, spectrum_steps=4, batch_size=8
+                ),
+            )
+            apply_request(
+                Removal(FORGET),
+                adapter=assets["adapter"],
+                out=out,
+                sources=Sources(base_model=assets["model"], data=assets["data"]),
+                settings=settings,
+                ledger=ledger,
+            )
+        records = [
+            (record.type, {k: v for k, v in record.fields.items() if k not in _RUN_SPECIFIC})
+            for record in Ledger(ledger).records()
+        ]
+        _, metadata = load_lora(load(assets["model"]), out)
+        results[name] = (records, metadata, lora_leaves(load_lora(load(assets["model"]), out)[0]))
+    (cli_records, cli_meta, cli_lora), (lib_records, lib_meta, lib_lora) = results.values()
+    assert [kind for kind, _ in cli_records] == ["root", "intent", "commit"]
+    # Paths and keyed digests differ between the two folders; everything else is the same.
+    assert _without_paths(cli_records) == _without_paths(lib_records)
+    assert all(np.array_equal(a, b) for a, b in zip(cli_lora, lib_lora, strict=True))
+    assert cli_meta["provenance"]["example_ids"] == lib_meta["provenance"]["example_ids"]
+
+
+# Fields that name where a run wrote or how long it took, or are keyed by each ledger's own
+# secret: they differ between two runs of the same request in two folders.
+_RUN_SPECIFIC = {"figures"}
+
+
+def _without_paths(records):
+    keyed = {"request_key", "fingerprint", "id_hashes", "adapter_digest", "parent"}
+    paths = {"adapter", "parent_path", "staged", "staged_sha256", "preparation"}
+    return [
+        (kind, {k: v for k, v in fields.items() if k not in keyed | paths})
+        for kind, fields in records
+    ]
 
 
 def test_unlearn_needs_exactly_one_adapter_and_one_request(assets, tmp_path, capsys):
@@ -377,28 +460,17 @@ def test_the_penalty_is_read_from_the_adapter_and_a_flag_overrides_it(assets, tm
     """The fine-tune's L2 penalty is part of the objective: unlearn takes it from train_config."""
     penalized = _penalized_adapter(assets, tmp_path / "penalized", l2_regularization=0.25)
     recorded = {}
-    for name, flags in (("read", ["--leave-out-request"]), ("flag", ["--l2-regularization", "0"])):
+    flag_sets = (("read", ["--no-leave-out-request"]), ("flag", ["--l2-regularization", "0"]))
+    for name, flags in flag_sets:
         ledger = tmp_path / f"{name}.jsonl"
         arguments = unlearn_arguments(
             assets, "--forget", ",".join(FORGET), out=tmp_path / name, adapter=penalized
         )
         assert main([*arguments, *flags, "--ledger", str(ledger)]) == 0
-        (entry,) = Ledger(ledger).entries()
-        recorded[name] = entry.settings
+        (intent,) = intents(ledger)
+        recorded[name] = intent["settings"]["curvature"]
     assert recorded["read"]["l2_regularization"] == 0.25
-    assert recorded["read"]["leave_out_request"] is True
+    assert recorded["read"]["leave_out_request"] is False
+    assert recorded["read"]["damping"] == 0.0  # no damping beyond a known penalty
     assert recorded["flag"]["l2_regularization"] == 0.0
-    assert recorded["flag"]["leave_out_request"] is False
-
-
-def test_a_zero_damping_is_accepted_when_the_adapter_was_penalized(assets, tmp_path):
-    """--damping 0 needs a penalty, which may come from the adapter rather than a flag."""
-    penalized = _penalized_adapter(assets, tmp_path / "penalized", l2_regularization=0.25)
-    ledger = tmp_path / "ledger.jsonl"
-    arguments = unlearn_arguments(
-        assets, "--forget", ",".join(FORGET), out=tmp_path / "out", adapter=penalized
-    )
-    assert main([*arguments, "--damping", "0", "--ledger", str(ledger)]) == 0
-    (entry,) = Ledger(ledger).entries()
-    assert entry.settings["damping"] == 0.0
-    assert entry.settings["l2_regularization"] == 0.25
+    assert recorded["flag"]["leave_out_request"] is True  # the default

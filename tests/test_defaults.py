@@ -108,3 +108,16 @@ def test_recipes_that_differ_are_cached_apart():
     changed = dataclasses.replace(DEFAULT_RECIPE, pretrain_steps=DEFAULT_RECIPE.pretrain_steps + 1)
     assert changed.fingerprint() != DEFAULT_RECIPE.fingerprint()
     assert DefaultRecipe().fingerprint() == DEFAULT_RECIPE.fingerprint()
+
+
+def test_building_prints_nothing_on_stdout(tmp_path, capfd):
+    """`jaxunlearn defaults` and `demo --json` print JSON alone on stdout: progress goes to stderr.
+
+    capfd reads the file descriptors, so output of native code (tokenizers, XLA) counts too.
+    """
+    ensure_defaults(tmp_path / "cache", recipe=TINY, progress=True)
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    assert "built the embedded default" in captured.err
+    ensure_defaults(tmp_path / "cache", recipe=TINY, progress=True)  # cached: no build
+    assert capfd.readouterr().out == ""

@@ -4,6 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from jaxunlearn.data import train_bpe_tokenizer
+from jaxunlearn.errors import SettingsError, UserError
 
 CORPUS = [
     f"The email address of Person {i} is person{i}@example.org. Their phone is 555-01{i:02d}."
@@ -41,5 +42,6 @@ def test_training_is_deterministic(tmp_path):
 
 
 def test_too_small_a_vocabulary_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="vocab_size must be at least 259"):
+    with pytest.raises(SettingsError, match="vocab_size must be at least 259") as caught:
         train_bpe_tokenizer(CORPUS, vocab_size=100, out_dir=tmp_path / "tok")
+    assert isinstance(caught.value, UserError)

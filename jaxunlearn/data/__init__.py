@@ -9,8 +9,14 @@ consumes (loss only on response tokens, a few static padded lengths). `generate_
 """
 
 from jaxunlearn.data._bpe import train_bpe_tokenizer
-from jaxunlearn.data._errors import DataError, ExampleTooLongError, TokenizerMismatchError
-from jaxunlearn.data._examples import Example, content_hash, save_examples
+from jaxunlearn.data._errors import (
+    DataError,
+    DataNotFoundError,
+    ExampleTooLongError,
+    TokenizerMismatchError,
+)
+from jaxunlearn.data._examples import Example, check_unique_ids, content_hash, save_examples
+from jaxunlearn.data._jsonl import json_line
 from jaxunlearn.data._loading import load_examples
 from jaxunlearn.data._tokenize import DEFAULT_BUCKETS, TokenizedDataset, tokenize_examples
 from jaxunlearn.data._tokenizer import check_tokenizer_fits, load_tokenizer
@@ -35,6 +41,7 @@ __all__ = [
     "PII_FIELDS",
     "Canary",
     "DataError",
+    "DataNotFoundError",
     "Example",
     "ExampleTooLongError",
     "Person",
@@ -44,8 +51,10 @@ __all__ = [
     "TokenizedDataset",
     "TokenizerMismatchError",
     "check_tokenizer_fits",
+    "check_unique_ids",
     "content_hash",
     "generate_corpus",
+    "json_line",
     "load_examples",
     "load_tokenizer",
     "make_data",

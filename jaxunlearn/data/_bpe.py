@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from jaxunlearn.errors import SettingsError
+
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
 
 
@@ -31,10 +33,13 @@ def train_bpe_tokenizer(
 
     Returns:
         The trained tokenizer.
+
+    Raises:
+        SettingsError: If `vocab_size` cannot hold the 256 byte symbols and the specials.
     """
     minimum = len(pre_tokenizers.ByteLevel.alphabet()) + 3
     if vocab_size < minimum:
-        raise ValueError(
+        raise SettingsError(
             f"vocab_size must be at least {minimum} (bytes + specials), got {vocab_size}"
         )
     backend = Tokenizer(models.BPE())

@@ -7,6 +7,13 @@ class DataError(UserError, ValueError):
     """A data source cannot be used as examples: missing columns, no rows, duplicate ids, ..."""
 
 
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A data file, data folder or tokenizer folder does not exist.
+
+    Also a `FileNotFoundError`, which callers caught before this type existed.
+    """
+
+
 class ExampleTooLongError(DataError):
     """A tokenized example does not fit the context length and truncation was not asked for."""
 

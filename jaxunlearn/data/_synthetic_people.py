@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import faker
 
+from jaxunlearn.errors import SettingsError
+
 # The personal values a person has, in the order examples, recall prompts and QA items use.
 PII_FIELDS = ("birth_date", "email", "phone", "address", "employer", "id_number")
 
@@ -131,13 +133,18 @@ def _name(fake: faker.Faker) -> str:
 
 
 def draw_unique(fake: faker.Faker, draw: Callable[[faker.Faker], str], taken: set[str], what: str):
-    """Draws until the value is not in `taken`, adds it and returns it."""
+    """Draws until the value is not in `taken`, adds it and returns it.
+
+    Raises:
+        SettingsError: If no unused value turns up: more people were asked for than Faker can
+            name apart.
+    """
     for _ in range(_MAX_DRAWS):
         value = draw(fake)
         if value not in taken:
             taken.add(value)
             return value
-    raise RuntimeError(
+    raise SettingsError(
         f"No unused {what} after {_MAX_DRAWS} draws: the population is too large for the "
         f"values Faker can make; ask for fewer people."
     )

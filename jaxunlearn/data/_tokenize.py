@@ -10,6 +10,7 @@ import transformers
 from jaxunlearn.batch import Batch
 from jaxunlearn.data._errors import DataError, ExampleTooLongError
 from jaxunlearn.data._examples import Example, check_unique_ids
+from jaxunlearn.errors import SettingsError
 
 # Batches are padded to the smallest of these lengths that fits, so a jitted function compiles
 # at most once per bucket instead of once per distinct batch length.
@@ -211,12 +212,14 @@ def tokenize_examples(
             nothing, or the tokenizer lacks the EOS / pad token that is needed.
         ExampleTooLongError: If an example is longer than `max_length` and `truncate` is
             False; the message names the examples and their lengths.
+        SettingsError: If `max_length` is not an integer of at least 2, or a bucket length is
+            not a positive integer.
     """
     examples = list(examples)
     if not examples:
         raise DataError("No examples to tokenize.")
     if not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an integer of at least 2, got {max_length!r}.")
+        raise SettingsError(f"max_length must be an integer of at least 2, got {max_length!r}.")
     check_unique_ids([example.id for example in examples], "tokenize_examples")
     empty = [example.id for example in examples if not example.response]
     if empty:
@@ -300,6 +303,6 @@ def _bucket_lengths(buckets: Sequence[int] | None, max_length: int) -> tuple[int
         return (max_length,)
     buckets = list(buckets)
     if any(not isinstance(b, int | np.integer) or b < 1 for b in buckets):
-        raise ValueError(f"Bucket lengths must be positive integers, got {buckets}.")
+        raise SettingsError(f"Bucket lengths must be positive integers, got {buckets}.")
     kept = sorted({int(b) for b in buckets if b < max_length})
     return (*kept, max_length)

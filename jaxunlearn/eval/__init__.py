@@ -15,12 +15,14 @@ from jaxunlearn.eval._pii import ExtractionAttempt, extraction_recall, pii_extra
 from jaxunlearn.eval._plots import plot_forget_losses, plot_score_histograms
 from jaxunlearn.eval._scores import ExampleScores, min_k_mean, score_examples
 from jaxunlearn.eval._tables import markdown_table
+from jaxunlearn.eval._timing import Timed, timed
 
 __all__ = [
     "ATTACKS",
     "ExampleScores",
     "ExtractionAttempt",
     "MIAResult",
+    "Timed",
     "attack_scores",
     "compiled_flops",
     "distance_to_retrain",
@@ -36,5 +38,6 @@ __all__ = [
     "plot_forget_losses",
     "plot_score_histograms",
     "score_examples",
+    "timed",
     "tpr_at_fpr",
 ]

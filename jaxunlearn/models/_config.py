@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Self
 
 import transformers
 
-from jaxunlearn.errors import UserError
+from jaxunlearn.errors import SettingsError, UserError
 from jaxunlearn.models._layers import ACTIVATIONS
 
 # Model types whose modeling code is the Llama computation (Mistral without sliding windows is).
@@ -151,14 +151,14 @@ class ModelConfig:
             ),
         )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise SettingsError(
                 f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                 f"({self.num_kv_heads}) for grouped-query attention."
             )
         if self.head_dim % 2:
-            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}.")
+            raise SettingsError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}.")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise SettingsError(
                 f"ModelConfig.model_type must be one of {SUPPORTED_MODEL_TYPES}, "
                 f"got {self.model_type!r}."
             )
@@ -323,12 +323,12 @@ class LearnedPositionsConfig:
         name = type(self).__name__
         require_positive_ints(self, positive)
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise SettingsError(
                 f"{name}.hidden_size ({self.hidden_size}) must be a multiple of num_heads "
                 f"({self.num_heads})."
             )
         if self.activation not in ACTIVATIONS:
-            raise ValueError(
+            raise SettingsError(
                 f"{name}.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}."
             )
         if isinstance(self.eos_token_id, list | int):
@@ -434,12 +434,12 @@ def require_positive_ints(config: Any, names: Iterable[str]) -> None:
     """Rejects a config whose field in `names` is not a positive integer.
 
     Raises:
-        ValueError: Naming the first such field.
+        SettingsError: Naming the first such field.
     """
     for name in names:
         value = getattr(config, name)
         if not isinstance(value, int) or value <= 0:
-            raise ValueError(
+            raise SettingsError(
                 f"{type(config).__name__}.{name} must be a positive integer, got {value!r}."
             )
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxunlearn.errors import SettingsError
 from jaxunlearn.models._families import CausalLM
 from jaxunlearn.models._layers import KVCache
 
@@ -63,9 +64,10 @@ def generate(
         The new tokens and their counts.
 
     Raises:
-        ValueError: On inconsistent shapes, an empty prompt, a negative temperature, sampling
-            without a key, a `top_k` outside [1, vocab_size], or a prompt length plus
+        SettingsError: On a `max_new_tokens` that is not a positive integer, a negative
+            temperature, a `top_k` outside [1, vocab_size], or a prompt length plus
             `max_new_tokens` beyond the positions a learned position table covers.
+        ValueError: On inconsistent shapes, an empty prompt, or sampling without a key.
     """
     config = model.config
     prompt_ids = jnp.asarray(prompt_ids)
@@ -81,19 +83,19 @@ def generate(
     if not isinstance(prompt_mask, jax.core.Tracer) and not np.all(np.any(prompt_mask, axis=1)):
         raise ValueError("Every prompt needs at least one real token (a mask row is all zeros).")
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        raise SettingsError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     limit = config.context_limit
     if limit is not None and prompt_ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(
+        raise SettingsError(
             f"A prompt of length {prompt_ids.shape[1]} plus {max_new_tokens} new tokens exceeds "
             f"the {limit} positions of this model's learned position embeddings."
         )
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+        raise SettingsError(f"temperature must be >= 0, got {temperature}.")
     if temperature > 0 and key is None:
         raise ValueError("Sampling (temperature > 0) needs a PRNG key.")
     if top_k is not None and not 1 <= top_k <= config.vocab_size:
-        raise ValueError(f"top_k must be in [1, {config.vocab_size}], got {top_k}.")
+        raise SettingsError(f"top_k must be in [1, {config.vocab_size}], got {top_k}.")
     if eos_token_id is None:
         eos_token_id = config.eos_token_id
     eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxunlearn.errors import SettingsError
+
 # transformers initialises every weight matrix with N(0, initializer_range = 0.02).
 INIT_STDDEV = 0.02
 
@@ -149,8 +151,8 @@ def attention_inputs(
             `None` when any length works (rotary embeddings).
 
     Raises:
-        ValueError: On inconsistent shapes, or a sequence (or cache) longer than
-            `context_limit`.
+        ValueError: On inconsistent shapes.
+        SettingsError: On a sequence (or cache) longer than `context_limit`.
     """
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}.")
@@ -177,7 +179,7 @@ def attention_inputs(
     # A position is at most the slot count minus one, so this static check bounds every position.
     slots = key_slots.shape[0]
     if context_limit is not None and slots > context_limit:
-        raise ValueError(
+        raise SettingsError(
             f"{slots} token slots exceed the {context_limit} positions this model's learned "
             "position embeddings cover."
         )

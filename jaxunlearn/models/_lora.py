@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxunlearn.errors import SettingsError
 from jaxunlearn.models._families import CausalLM, family_of
 from jaxunlearn.models._layers import Linear
 
@@ -190,22 +191,23 @@ def add_lora(
         The same model, now holding `nnx.LoRAParam`s.
 
     Raises:
-        ValueError: For an unknown or repeated target, a non-positive rank, a dropout rate outside
-            [0, 1), or a projection that already has an adapter.
+        SettingsError: For an unknown or repeated target, a non-positive rank or a dropout rate
+            outside [0, 1).
+        ValueError: For a projection that already has an adapter.
     """
     family_targets = family_of(model).lora_targets
     targets = tuple(targets)
     unknown = [t for t in targets if t not in family_targets]
     if unknown or not targets:
-        raise ValueError(
+        raise SettingsError(
             f"LoRA targets must be a non-empty subset of {family_targets}, got {targets}."
         )
     if len(set(targets)) != len(targets):
-        raise ValueError(f"LoRA targets repeat a name: {targets}.")
+        raise SettingsError(f"LoRA targets repeat a name: {targets}.")
     if not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}.")
+        raise SettingsError(f"LoRA rank must be a positive integer, got {rank!r}.")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
+        raise SettingsError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
     sites = lora_sites(model)
     # Layer by layer, then in the order of `targets`: the order the A matrices draw their keys.
     chosen = [

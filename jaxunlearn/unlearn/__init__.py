@@ -1,34 +1,68 @@
-"""Unlearning: requests to forget or correct training examples, and the ledger that records them.
+"""Unlearning: requests to forget or correct training examples, applied exactly once.
 
-A request (`Removal`, `QueryEdit`, `ResponseEdit`) names examples by id; `resolve_request`
-checks it against the training set and gives the affected examples, their edited versions, the
-dataset after the request and a fingerprint. The `Ledger` records every applied request by
-hashes only, so that a repeated request is a no-op and a conflicting one an error.
+A request (`Removal`, `QueryEdit`, `ResponseEdit`) names examples by id. `apply_request` is the
+one protocol that applies it to an adapter: it checks the adapter against its lineage (its
+provenance and the ledger, `Ledger`), checks the base model, tokenizer and data against what
+the adapter was trained with, lets a registered method compute the update (`get_method`;
+`LLMEraser` by default), refuses an update that changes nothing or makes things worse, and
+saves and records the result as one recoverable transaction. `retrain` gives the reference
+every method is measured against.
 
-`llmeraser` turns a request into an adapter update with influence functions (its
-request-independent work prepared once by `prepare_llmeraser`), and `retrain` gives the
-reference it is measured against.
+A method is one module implementing `Method` plus one `register` call.
 """
 
-from jaxunlearn.unlearn._ledger import (
-    ConflictingRequestError,
-    Ledger,
-    LedgerEntry,
-    LedgerError,
-    file_sha256,
+from jaxunlearn.unlearn._adapter_files import (
+    ADAPTER_FORMATS,
+    adapter_format,
+    open_adapter,
+    save_adapter_files,
 )
-from jaxunlearn.unlearn._llmeraser import (
+from jaxunlearn.unlearn._digests import examples_digest, file_sha256, tree_digest
+from jaxunlearn.unlearn._ledger import ConflictingRequestError, Ledger, LedgerError, Record
+from jaxunlearn.unlearn._lineage import (
+    ARTIFACTS,
+    PEFT_PROVENANCE_FILE,
+    ArtifactMismatchError,
+    Provenance,
+    adapter_digest,
+)
+from jaxunlearn.unlearn._lineage_checks import save_root_adapter
+from jaxunlearn.unlearn._llmeraser import LLMEraser
+from jaxunlearn.unlearn._llmeraser_preparation import EraserPreparation
+from jaxunlearn.unlearn._llmeraser_settings import (
     MODES,
-    SOLVERS,
-    EraserResult,
+    CGConfig,
+    CurvatureSettings,
     EraserSettings,
-    Preparation,
-    PreparationMismatchError,
-    llmeraser,
-    load_preparation,
-    prepare_llmeraser,
-    save_preparation,
+    LissaConfig,
+    LowRankConfig,
+    SGDConfig,
 )
+from jaxunlearn.unlearn._llmeraser_solvers import SOLVERS
+from jaxunlearn.unlearn._method import (
+    Method,
+    MethodOutcome,
+    PreparationMismatchError,
+    Prepared,
+    UnknownMethodError,
+    UnlearningContext,
+    get_method,
+    method_names,
+    register,
+    unregister,
+)
+from jaxunlearn.unlearn._protocol import (
+    DEFAULT_LEDGER_NAME,
+    LineageError,
+    NoEffectError,
+    ObjectiveWorsenedError,
+    RequestOutcome,
+    Sources,
+    apply_request,
+    register_adapter,
+    request_key,
+)
+from jaxunlearn.unlearn._request_files import read_edits, read_removal
 from jaxunlearn.unlearn._requests import (
     QueryEdit,
     Removal,
@@ -42,33 +76,73 @@ from jaxunlearn.unlearn._requests import (
     resolve_request,
 )
 from jaxunlearn.unlearn._retrain import retrain, retrain_config
+from jaxunlearn.unlearn._stale import StaleCopy, purge, stale_copies
+
+# The built-in methods: one entry each.
+register(LLMEraser.name, LLMEraser)
 
 __all__ = [
+    "ADAPTER_FORMATS",
+    "ARTIFACTS",
+    "DEFAULT_LEDGER_NAME",
     "MODES",
+    "PEFT_PROVENANCE_FILE",
     "SOLVERS",
+    "ArtifactMismatchError",
+    "CGConfig",
     "ConflictingRequestError",
-    "EraserResult",
+    "CurvatureSettings",
+    "EraserPreparation",
     "EraserSettings",
+    "LLMEraser",
     "Ledger",
-    "LedgerEntry",
     "LedgerError",
-    "Preparation",
+    "LineageError",
+    "LissaConfig",
+    "LowRankConfig",
+    "Method",
+    "MethodOutcome",
+    "NoEffectError",
+    "ObjectiveWorsenedError",
     "PreparationMismatchError",
+    "Prepared",
+    "Provenance",
     "QueryEdit",
+    "Record",
     "Removal",
     "Request",
     "RequestError",
+    "RequestOutcome",
     "ResolvedRequest",
     "ResponseEdit",
+    "SGDConfig",
+    "Sources",
+    "StaleCopy",
     "UnknownExampleError",
+    "UnknownMethodError",
+    "UnlearningContext",
     "WholeDatasetError",
+    "adapter_digest",
+    "adapter_format",
+    "apply_request",
+    "examples_digest",
     "file_sha256",
+    "get_method",
     "id_hash",
-    "llmeraser",
-    "load_preparation",
-    "prepare_llmeraser",
+    "method_names",
+    "open_adapter",
+    "purge",
+    "read_edits",
+    "read_removal",
+    "register",
+    "register_adapter",
+    "request_key",
     "resolve_request",
     "retrain",
     "retrain_config",
-    "save_preparation",
+    "save_adapter_files",
+    "save_root_adapter",
+    "stale_copies",
+    "tree_digest",
+    "unregister",
 ]

@@ -1,388 +1,414 @@
-"""The request ledger: an append-only record of every applied unlearning request, without text.
+"""The ledger: an append-only, keyed, tamper-evident record of a lineage of adapters.
 
-A deletion must be applied exactly once. The ledger is a JSON Lines file with one entry per
-applied request; before applying a request, `Ledger.check` finds out whether the same request
-was applied already (the caller then does nothing) or whether it touches an example that an
-earlier request removed (an error). Entries identify examples only by SHA-256 digests of their
-ids and contents, never by their text, so the ledger can be kept after the data is gone.
+A deletion must be applied exactly once, and it must be true of the adapter the user goes on
+with. The ledger is the record that makes both checkable. It is a JSON Lines file holding:
 
-The digests are unsalted: anyone holding the ledger and a guess of an example (its id, or its id
-and exact text) can confirm the guess. They hide data from readers who do not already have it;
-they do not make low-entropy ids secret.
+- a header (its id and a check value of its secret key);
+- `root` records: an adapter that requests may be applied to (a fine-tune's output, or an
+  adapter from elsewhere registered on first use), by its content digest;
+- `intent` records: a request about to be saved (the parent adapter's digest, the request's
+  keyed fingerprint and keyed id hashes, where the new adapter is staged and its digest);
+- `commit` records: the intent's adapter is in place (figures of the run), or `rollback`
+  records: it never will be.
+
+Every value that could identify an example (its id, a digest of its text) is stored only as
+an HMAC-SHA256 under the ledger's secret key, which lives in a separate file (`<ledger>.key`,
+readable by its owner alone): holding the ledger without the key, nobody can confirm a guess
+of an id. Each line also carries an HMAC of itself chained to the previous line's, so an
+edited, removed or reordered line is detected.
+
+`Ledger.lock()` serializes every writer of one ledger (POSIX `flock` on `<ledger>.lock`),
+so two requests on one lineage run one after the other and give a chain, not a fork.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
+import hmac
 import json
 import os
+import secrets
+import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from jaxunlearn.data._jsonl import json_line
+from jaxunlearn.data import json_line
 from jaxunlearn.errors import UserError
-from jaxunlearn.unlearn._requests import RequestError, ResolvedRequest
+from jaxunlearn.unlearn._requests import RequestError
 
 try:  # POSIX only; elsewhere concurrent writers are not guarded against.
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None
 
-# Written into every line, so that a future layout can be told apart from this one.
-_FORMAT = 1
+__all__ = [
+    "ConflictingRequestError",
+    "Ledger",
+    "LedgerError",
+    "Record",
+]
+
+# Written into the header, so that a future layout can be told apart from this one.
+_FORMAT = 2
+_KEY_CHECK_MESSAGE = b"jaxunlearn ledger key check"
+RECORD_TYPES = ("root", "intent", "commit", "rollback")
 
 
 class LedgerError(UserError, ValueError):
-    """A ledger file cannot be read: a corrupt line other than the last, or a missing line."""
+    """A ledger cannot be used: unreadable, tampered with, its key missing or wrong."""
+
+
+class _Unreadable(Exception):
+    """A line that is not a sealed JSON object at all (what a torn write leaves)."""
+
+    def __init__(self, error: LedgerError):
+        super().__init__(str(error))
+        self.error = error
 
 
 class ConflictingRequestError(RequestError):
-    """A request touches an example that an earlier, different request already removed."""
+    """A request conflicts with the adapter's lineage (e.g. it edits a removed example)."""
 
 
 @dataclasses.dataclass(frozen=True)
-class LedgerEntry:
-    """One applied request, as stored on one line of the ledger.
+class Record:
+    """One line of the ledger after its header.
 
     Attributes:
-        fingerprint: The request's `ResolvedRequest.fingerprint`.
-        kind: "removal", "query_edit" or "response_edit".
-        example_hashes: Per affected example, the SHA-256 hex digest of its id and content hash.
-        id_hashes: Per affected example (aligned with `example_hashes`), the SHA-256 hex digest of
-            its id alone, which identifies the example even after its text was edited.
-        num_examples: How many examples the request affected.
-        method: The unlearning method that applied it (e.g. "llmeraser", "retrain").
-        settings: The method's settings, as JSON.
-        adapter: Where the resulting adapter was written.
-        adapter_sha256: The `file_sha256` of that adapter, if computed.
-        created: When the entry was recorded: ISO-8601, UTC, to the second.
-        figures: Numbers about the run, e.g. the solver's residual or the seconds it took.
-        sequence: The entry's position in the ledger: 0, 1, 2, ...
+        sequence: Position among the records: 0, 1, 2, ...
+        type: "root", "intent", "commit" or "rollback".
+        created: When it was written: ISO-8601, UTC, to the second.
+        fields: The record's own fields (see the module docstring), JSON values.
     """
 
-    fingerprint: str
-    kind: str
-    example_hashes: tuple[str, ...]
-    id_hashes: tuple[str, ...]
-    num_examples: int
-    method: str
-    settings: dict[str, Any] = dataclasses.field(hash=False)
-    adapter: str
-    adapter_sha256: str | None
-    created: str
-    figures: dict[str, Any] = dataclasses.field(hash=False)
     sequence: int
+    type: str
+    created: str
+    fields: Mapping[str, Any] = dataclasses.field(hash=False)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.fields[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.fields.get(name, default)
 
 
 class Ledger:
-    """The ledger file at `path` (conventionally `ledger.jsonl` beside the adapters).
+    """The ledger file at `path`, with its key at `path + ".key"`.
 
-    A line is an entry only once it is complete with its newline: a last line cut short by a
-    crash is ignored with a warning, and removed by the next `record`. Any other line that
-    cannot be read, and entries out of sequence (a line deleted or moved), raise `LedgerError`.
+    A missing ledger is created (with a fresh random key) by the first `append`. A line is a
+    record only once it is complete with its newline: a last line cut short by a crash is
+    ignored with a warning and removed by the next `append`.
 
     Example:
-        >>> ledger = Ledger("runs/ledger.jsonl")                          # doctest: +SKIP
-        >>> resolved = resolve_request(Removal(["p-17"]), examples)        # doctest: +SKIP
-        >>> if (earlier := ledger.check(resolved)) is None:               # doctest: +SKIP
-        ...     adapter = unlearn(...)
-        ...     ledger.record(resolved, method="llmeraser", settings={...}, adapter=path)
+        >>> ledger = Ledger("run/unlearn-ledger.jsonl")                   # doctest: +SKIP
+        >>> with ledger.lock():                                          # doctest: +SKIP
+        ...     records = ledger.records()
+        ...     ledger.append("root", adapter_digest=digest, adapter="run/adapter")
     """
 
     def __init__(self, path: str | os.PathLike, /):
-        self.path = os.fspath(path)
+        self.path = os.path.abspath(os.fspath(path))
+        self.key_path = self.path + ".key"
+        self._lock_path = self.path + ".lock"
+        self._key: bytes | None = None
+        self._locked = 0
+        # The seal of the last complete line read: the next line's seal chains to it.
+        self._last_mac = ""
 
     def __repr__(self) -> str:
         return f"Ledger({self.path!r})"
 
-    def entries(self) -> list[LedgerEntry]:
-        """The recorded entries in order; empty when the file does not exist.
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[Ledger]:
+        """Holds the ledger's exclusive lock (re-entrant within one process)."""
+        if self._locked:
+            self._locked += 1
+            try:
+                yield self
+            finally:
+                self._locked -= 1
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self._lock_path, "a+b") as handle:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # Released when the file closes.
+            self._locked = 1
+            try:
+                yield self
+            finally:
+                self._locked = 0
+
+    @property
+    def id(self) -> str | None:
+        """The ledger's id (from its header), None while it does not exist."""
+        header = self._read()[0]
+        return None if header is None else header["ledger_id"]
+
+    def ensure_exists(self) -> str:
+        """Creates the ledger (its header and key) when it does not exist; returns its id."""
+        with self.lock():
+            header = self._read()[0]
+            if header is not None:
+                return header["ledger_id"]
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            line = self._sealed(self._new_header(), previous_mac="")
+            with open(self.path, "ab") as file:
+                file.truncate(0)  # What a crash during creation left: never a record.
+                file.write((line + "\n").encode("utf-8"))
+                file.flush()
+                os.fsync(file.fileno())
+            _fsync_directory(os.path.dirname(self.path))
+            return json.loads(line)["ledger_id"]
+
+    def _new_header(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "type": "header",
+            "ledger_id": uuid.uuid4().hex,
+            "key_check": self._key_check(),
+        }
+
+    def keyed(self, value: str, /, *, purpose: str) -> str:
+        """HMAC-SHA256 of `value` under the ledger's key: how the ledger names examples.
+
+        Args:
+            value: A string to hide (an example id, a request fingerprint).
+            purpose: What it is ("id", "fingerprint", ...): the same value keyed for two
+                purposes gives unrelated digests.
+        """
+        message = json.dumps([purpose, value], ensure_ascii=False).encode()
+        with self.lock():  # A key created here must not race another process creating it.
+            key = self._secret(create=True)
+        return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+    def records(self) -> list[Record]:
+        """Every record in order; empty when the ledger does not exist.
 
         Raises:
-            LedgerError: If a line other than the last cannot be read, or entries are out of
-                sequence.
+            LedgerError: If a line other than the last cannot be read, a line was changed,
+                removed or reordered, or the key does not belong to this ledger.
         """
-        entries, _, torn_line = self._read()
+        _header, records, _, torn_line = self._read()
         if torn_line is not None:
             warnings.warn(
-                f"{self.path}: ignoring line {torn_line}, an incomplete entry left by an "
-                "interrupted write; the request it was recording is not in the ledger.",
+                f"{self.path}: ignoring line {torn_line}, an incomplete record left by an "
+                "interrupted write.",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        return entries
+        return records
 
-    def find(self, fingerprint: str) -> LedgerEntry | None:
-        """The entry with this request fingerprint, or None if there is none."""
-        return next((entry for entry in self.entries() if entry.fingerprint == fingerprint), None)
-
-    def check(self, resolved: ResolvedRequest, /) -> LedgerEntry | None:
-        """Whether a request may be applied, given what the ledger has recorded.
-
-        Args:
-            resolved: The request, resolved against the dataset it is to be applied to.
-
-        Returns:
-            The earlier entry if this exact request (same fingerprint) was already applied: the
-            caller should then do nothing. None if the request is new.
+    def append(self, record_type: str, /, **fields: Any) -> Record:
+        """Appends a record and makes it durable before returning (under the lock).
 
         Raises:
-            ConflictingRequestError: If the request touches an example that an earlier,
-                different request removed (matched by id, so also after edits of the example).
+            ValueError: If `fields` is not JSON-serializable with finite numbers.
             LedgerError: If the ledger cannot be read.
         """
-        return _check(resolved, self.entries())
+        if record_type not in RECORD_TYPES:
+            raise ValueError(f"record type must be one of {RECORD_TYPES}, got {record_type!r}.")
+        fields = _json_object(fields)
+        with self.lock():
+            header, records, committed_length, torn_line = self._read()
+            is_new_file = header is None
+            lines = []
+            previous_mac = self._last_mac
+            if header is None:
+                header_line = self._sealed(self._new_header(), previous_mac="")
+                lines.append(header_line)
+                previous_mac = json.loads(header_line)["mac"]
+            row = {
+                "sequence": len(records),
+                "type": record_type,
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                **fields,
+            }
+            line = self._sealed(row, previous_mac=previous_mac)
+            lines.append(line)
+            with open(self.path, "ab") as file:
+                if torn_line is not None:
+                    # Appending after a torn line would glue the new record onto it, so the
+                    # torn bytes (never a complete record) are cut off first.
+                    warnings.warn(
+                        f"{self.path}: removing line {torn_line}, an incomplete record left by "
+                        "an interrupted write, before appending.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    file.truncate(committed_length)
+                file.write("".join(text + "\n" for text in lines).encode("utf-8"))
+                file.flush()
+                os.fsync(file.fileno())
+            if is_new_file:
+                _fsync_directory(os.path.dirname(self.path))
+        return _record_of(json.loads(line))
 
-    def record(
-        self,
-        resolved: ResolvedRequest,
-        /,
-        *,
-        method: str,
-        settings: Mapping[str, Any],
-        adapter: str | os.PathLike,
-        adapter_sha256: str | None = None,
-        figures: Mapping[str, Any] | None = None,
-    ) -> LedgerEntry:
-        """Appends an entry for an applied request and makes it durable before returning.
+    # Reading and sealing.
 
-        The ledger is checked again under an exclusive lock (on POSIX), so two processes cannot
-        record the same or conflicting requests. Recording is not idempotent on purpose: an
-        application that reaches `record` twice for one request has applied it twice, which is
-        a bug to report, not to hide. Use `check` first to make a repeated request a no-op.
+    def _secret(self, *, create: bool) -> bytes:
+        if self._key is not None:
+            return self._key
+        try:
+            with open(self.key_path, encoding="ascii") as file:
+                text = file.read().strip()
+        except FileNotFoundError:
+            if os.path.exists(self.path) or not create:
+                raise LedgerError(
+                    f"{self.key_path} is missing: the ledger {self.path} cannot be read or "
+                    "extended without its key. Restore the key file from where it was kept."
+                ) from None
+            os.makedirs(os.path.dirname(self.key_path), exist_ok=True)
+            text = secrets.token_hex(32)
+            # Readable by its owner alone, and never replaced once written.
+            descriptor = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w", encoding="ascii") as file:
+                file.write(text + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            raise LedgerError(f"{self.key_path} does not hold a ledger key.") from None
+        if len(key) < 16:
+            raise LedgerError(f"{self.key_path} holds a key shorter than 128 bits.")
+        self._key = key
+        return key
 
-        Args:
-            resolved: The applied request.
-            method: The unlearning method's name.
-            settings: The method's settings; must be JSON-serializable with string keys.
-            adapter: Where the resulting adapter was written.
-            adapter_sha256: Its `file_sha256`, if computed.
-            figures: Numbers about the run (JSON-serializable, finite).
+    def _key_check(self) -> str:
+        return hmac.new(self._secret(create=True), _KEY_CHECK_MESSAGE, hashlib.sha256).hexdigest()
 
-        Returns:
-            The entry as it is stored (and as `entries` reads it back).
+    def _sealed(self, row: Mapping[str, Any], *, previous_mac: str) -> str:
+        body = json_line(row)
+        mac = hmac.new(
+            self._secret(create=True), (previous_mac + "\n" + body).encode(), hashlib.sha256
+        ).hexdigest()
+        return json_line({**row, "mac": mac})
 
-        Raises:
-            RequestError: If this request (same fingerprint) was already recorded.
-            ConflictingRequestError: If it touches an example removed by an earlier request.
-            ValueError: If `settings` or `figures` is not JSON-serializable.
-            LedgerError: If the ledger cannot be read.
-        """
-        settings = _json_object("settings", settings)
-        figures = _json_object("figures", {} if figures is None else figures)
-        if not isinstance(method, str) or not method:
-            raise ValueError(f"The method must be a non-empty string, got {method!r}.")
-        if adapter_sha256 is not None and not isinstance(adapter_sha256, str):
-            raise ValueError(f"adapter_sha256 must be a string or None, got {adapter_sha256!r}.")
-
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        is_new_file = not os.path.exists(self.path)
-        with open(self.path, "ab") as file:
-            if fcntl is not None:
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX)  # Released when the file is closed.
-            entries, committed_length, torn_line = self._read()
-            earlier = _check(resolved, entries)
-            if earlier is not None:
-                raise RequestError(
-                    f"{self.path}: this {resolved.kind} request was already recorded as entry "
-                    f"{earlier.sequence} ({earlier.created}); recording it again would mean it "
-                    "was applied twice. Call Ledger.check before applying a request."
-                )
-            line = json_line(
-                {
-                    "format": _FORMAT,
-                    "fingerprint": resolved.fingerprint,
-                    "kind": resolved.kind,
-                    "example_hashes": list(resolved.example_hashes),
-                    "id_hashes": list(resolved.id_hashes),
-                    "num_examples": len(resolved.affected),
-                    "method": method,
-                    "settings": settings,
-                    "adapter": os.fspath(adapter),
-                    "adapter_sha256": adapter_sha256,
-                    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                    "figures": figures,
-                    "sequence": len(entries),
-                }
-            ).encode("utf-8")
-            entry = _parse_line(line, len(entries) + 1, self.path)
-            if torn_line is not None:
-                # Appending after a torn line would glue the new entry onto it, so the torn
-                # bytes (never a complete entry) are cut off first.
-                warnings.warn(
-                    f"{self.path}: removing line {torn_line}, an incomplete entry left by an "
-                    "interrupted write, before appending.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                file.truncate(committed_length)
-            file.write(line + b"\n")
-            file.flush()
-            os.fsync(file.fileno())
-        if is_new_file:
-            _fsync_directory(directory)
-        return entry
-
-    def _read(self) -> tuple[list[LedgerEntry], int, int | None]:
-        """The entries, the byte length of the lines they come from, and the torn line's number.
-
-        The torn line is the last line when it is not a complete entry; None when there is none.
-        """
+    def _read(self) -> tuple[dict | None, list[Record], int, int | None]:
+        """(header, records, byte length of the complete lines, number of a torn last line)."""
         try:
             with open(self.path, "rb") as file:
                 data = file.read()
         except FileNotFoundError:
-            return [], 0, None
+            self._last_mac = ""
+            return None, [], 0, None
+        if b"\n" not in data:
+            # A crash while the ledger was being created left no complete line: nothing was
+            # ever recorded, so it reads as a new ledger (rewritten by the next append).
+            self._last_mac = ""
+            return None, [], 0, (1 if data else None)
         # Splitting on newlines leaves b"" last when the file ends with a complete line, and the
         # fragment of an interrupted write otherwise.
         *lines, fragment = data.split(b"\n")
-        entries: list[LedgerEntry] = []
+        header: dict | None = None
+        records: list[Record] = []
         committed_length = 0
+        previous_mac = ""
+        self._last_mac = ""
         for line_number, line in enumerate(lines, start=1):
             try:
-                entry = _parse_line(line, line_number, self.path)
-            except LedgerError:
-                # A crash can only damage the end of an append-only file.
-                if line_number == len(lines) and not fragment:
-                    return entries, committed_length, line_number
-                raise
-            if entry.sequence != len(entries):
-                raise LedgerError(
-                    f"{self.path}, line {line_number}: entry has sequence {entry.sequence}, "
-                    f"expected {len(entries)}; lines of the ledger were removed or reordered."
-                )
-            entries.append(entry)
+                row = self._verified(line, line_number, previous_mac)
+            except _Unreadable as unreadable:
+                # A crash can only leave an unreadable fragment at the end of an append-only
+                # file; a readable line whose seal fails is tampering, wherever it is. (A file
+                # cut exactly at a line boundary cannot be told from a shorter ledger.)
+                if line_number == len(lines) and not fragment and line_number > 1:
+                    return header, records, committed_length, line_number
+                raise unreadable.error from None
+            previous_mac = row["mac"]
+            self._last_mac = previous_mac
+            if line_number == 1:
+                header = self._checked_header(row)
+            else:
+                record = _record_of(row)
+                if record.sequence != len(records):
+                    raise self._corrupt(
+                        line_number,
+                        f"record has sequence {record.sequence}, expected {len(records)}",
+                    )
+                records.append(record)
             committed_length += len(line) + 1
+        if header is None and fragment:
+            raise self._corrupt(1, "the header is incomplete")
         torn_line = len(lines) + 1 if fragment else None
-        return entries, committed_length, torn_line
+        return header, records, committed_length, torn_line
+
+    def _verified(self, line: bytes, line_number: int, previous_mac: str) -> dict:
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise _Unreadable(self._corrupt(line_number, f"not a JSON record ({error})")) from None
+        if line_number == 1 and isinstance(row, dict) and row.get("format") != _FORMAT:
+            raise LedgerError(
+                f"{self.path}: ledger format {row.get('format')!r}; this version of jaxunlearn "
+                f"reads format {_FORMAT} (keyed, sealed records). Start a new ledger for new "
+                "requests and keep the old file as the record of earlier ones."
+            )
+        if not isinstance(row, dict) or not isinstance(row.get("mac"), str):
+            raise _Unreadable(self._corrupt(line_number, "not a sealed JSON object"))
+        if line_number == 1 and not hmac.compare_digest(
+            str(row.get("key_check", "")), self._key_check()
+        ):
+            raise LedgerError(f"{self.key_path} is not the key of the ledger {self.path}.")
+        body = json_line({name: value for name, value in row.items() if name != "mac"})
+        expected = hmac.new(
+            self._secret(create=False), (previous_mac + "\n" + body).encode(), hashlib.sha256
+        ).hexdigest()
+        if not hmac.compare_digest(expected, row["mac"]):
+            raise self._corrupt(
+                line_number,
+                "its seal does not match: the line (or one before it) was changed, removed or "
+                "reordered, or the key is not this ledger's",
+            )
+        return row
+
+    def _checked_header(self, row: dict) -> dict:
+        if row.get("type") != "header" or not isinstance(row.get("ledger_id"), str):
+            raise self._corrupt(1, "the first line is not a ledger header")
+        if not hmac.compare_digest(row.get("key_check", ""), self._key_check()):
+            raise LedgerError(f"{self.key_path} is not the key of the ledger {self.path}.")
+        return row
+
+    def _corrupt(self, line_number: int, problem: str) -> LedgerError:
+        return LedgerError(f"{self.path}, line {line_number}: {problem}.")
 
 
-def file_sha256(path: str | os.PathLike, /) -> str:
-    """The SHA-256 hex digest of a file, or of a directory's files and their relative paths.
-
-    For a directory, the digest covers every file below it, in sorted order of relative paths
-    (with "/" separators), as (path, digest of contents) pairs; empty directories, permissions
-    and times do not count. So the same adapter files give the same digest on every platform.
-
-    Raises:
-        FileNotFoundError: If `path` does not exist.
-    """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        return _contents_sha256(path)
-    relative_paths = []
-    for folder, _, names in os.walk(path):
-        for name in names:
-            relative = os.path.relpath(os.path.join(folder, name), path)
-            relative_paths.append(relative.replace(os.sep, "/"))
-    digest = hashlib.sha256()
-    for relative in sorted(relative_paths):
-        contents = _contents_sha256(os.path.join(path, *relative.split("/")))
-        # One JSON line per file: an unambiguous encoding whatever characters a name holds.
-        digest.update((json.dumps([relative, contents], ensure_ascii=False) + "\n").encode())
-    return digest.hexdigest()
-
-
-def _contents_sha256(path: str) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
-def _check(resolved: ResolvedRequest, entries: list[LedgerEntry]) -> LedgerEntry | None:
-    for entry in entries:
-        if entry.fingerprint == resolved.fingerprint:
-            return entry
-    removed_by = {
-        id_hash: entry
-        for entry in entries
-        if entry.kind == "removal"
-        for id_hash in entry.id_hashes
+def _record_of(row: Mapping[str, Any]) -> Record:
+    fields = {
+        name: value
+        for name, value in row.items()
+        if name not in ("sequence", "type", "created", "mac")
     }
-    conflicts = [
-        (example.id, removed_by[id_hash])
-        for example, id_hash in zip(resolved.affected, resolved.id_hashes, strict=True)
-        if id_hash in removed_by
-    ]
-    if conflicts:
-        shown = ", ".join(repr(example_id) for example_id, _ in conflicts[:5])
-        more = f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
-        sequences = sorted({entry.sequence for _, entry in conflicts})
-        raise ConflictingRequestError(
-            f"The {resolved.kind} request touches {len(conflicts)} example(s) already removed by "
-            f"earlier requests (ledger entries {sequences}): {shown}{more}. Resolve requests "
-            "against the dataset as it is after earlier removals."
-        )
-    return None
+    if row.get("type") not in RECORD_TYPES or not isinstance(row.get("sequence"), int):
+        raise LedgerError(f"A ledger record has an unknown type {row.get('type')!r}.")
+    return Record(row["sequence"], row["type"], row["created"], fields)
 
 
-# The type every stored field must have; `format` is checked separately.
-_FIELD_TYPES = {
-    "fingerprint": str,
-    "kind": str,
-    "example_hashes": list,
-    "id_hashes": list,
-    "num_examples": int,
-    "method": str,
-    "settings": dict,
-    "adapter": str,
-    "adapter_sha256": (str, type(None)),
-    "created": str,
-    "figures": dict,
-    "sequence": int,
-}
-
-
-def _parse_line(line: bytes, line_number: int, path: str) -> LedgerEntry:
-    def corrupt(problem: str) -> LedgerError:
-        return LedgerError(f"{path}, line {line_number}: {problem}")
-
-    try:
-        row = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise corrupt(f"not a JSON entry ({error}).") from None
-    if not isinstance(row, dict):
-        raise corrupt("not a JSON object.")
-    if row.get("format") != _FORMAT:
-        raise corrupt(
-            f"ledger format {row.get('format')!r}, this version of jaxunlearn reads {_FORMAT}."
-        )
-    fields = {name: value for name, value in row.items() if name != "format"}
-    if set(fields) != set(_FIELD_TYPES):
-        missing = sorted(set(_FIELD_TYPES) - set(fields))
-        extra = sorted(set(fields) - set(_FIELD_TYPES))
-        raise corrupt(f"missing fields {missing}, unexpected fields {extra}.")
-    for name, expected in _FIELD_TYPES.items():
-        value = fields[name]
-        # bool is an int subclass, but never a valid count.
-        if not isinstance(value, expected) or isinstance(value, bool):
-            raise corrupt(f"field {name!r} has the wrong type {type(value).__name__}.")
-    for name in ("example_hashes", "id_hashes"):
-        if not all(isinstance(digest, str) for digest in fields[name]):
-            raise corrupt(f"field {name!r} must hold strings.")
-        fields[name] = tuple(fields[name])
-    return LedgerEntry(**fields)
-
-
-def _json_object(name: str, value: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON round trip of `value`, so that the entry returned equals the one read back."""
-    if not isinstance(value, Mapping):
-        raise ValueError(f"The ledger's {name} must be a mapping, got {type(value).__name__}.")
+def _json_object(value: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON round trip of `value`, so that the record returned equals the one read back."""
     if not all(isinstance(key, str) for key in value):
-        raise ValueError(f"The ledger's {name} must have string keys.")
+        raise ValueError("Ledger fields must have string keys.")
+    reserved = {"sequence", "type", "created", "mac", "format"} & set(value)
+    if reserved:
+        raise ValueError(f"Ledger fields may not be named {sorted(reserved)}.")
     try:
         return json.loads(json_line(value))
     except (TypeError, ValueError) as error:
         raise ValueError(
-            f"The ledger's {name} must be JSON-serializable with finite numbers: {error}"
+            f"Ledger fields must be JSON-serializable with finite numbers: {error}"
         ) from None
 
 
 def _fsync_directory(directory: str) -> None:
-    # Makes a newly created ledger file's directory entry durable; not possible on Windows.
+    # Makes a newly created file's directory entry durable; not possible on Windows.
     if os.name != "posix":
         return
     descriptor = os.open(directory, os.O_RDONLY)

@@ -30,8 +30,8 @@ from jaxunlearn.unlearn._requests import ResolvedRequest
 __all__ = [
     "Method",
     "MethodOutcome",
-    "Prepared",
     "PreparationMismatchError",
+    "Prepared",
     "UnknownMethodError",
     "UnlearningContext",
     "get_method",
@@ -203,9 +203,7 @@ class Method(Protocol):
         """Writes a preparation to a new directory."""
         ...
 
-    def load_preparation(
-        self, path: str | os.PathLike, context: UnlearningContext, /
-    ) -> Prepared:
+    def load_preparation(self, path: str | os.PathLike, context: UnlearningContext, /) -> Prepared:
         """Reads a preparation written by `save_preparation` (not yet checked)."""
         ...
 

@@ -15,8 +15,7 @@ from typing import ClassVar, TypeAlias
 
 import numpy as np
 
-from jaxunlearn.data import Example
-from jaxunlearn.data._examples import check_unique_ids
+from jaxunlearn.data import Example, check_unique_ids
 from jaxunlearn.errors import UserError
 
 # Bumped if the fingerprint's canonical form ever changes, so that old and new fingerprints of

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import time
 
 import datasets
 import pandas as pd
@@ -10,7 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 from data_fixtures import EXAMPLE_ROWS
 
-from jaxunlearn.data import DataError, Example, content_hash, load_examples, save_examples
+from jaxunlearn.data import (
+    DataError,
+    DataNotFoundError,
+    Example,
+    content_hash,
+    load_examples,
+    save_examples,
+)
+from jaxunlearn.errors import UserError
 
 
 def _expected_examples(rows=EXAMPLE_ROWS):
@@ -165,13 +174,122 @@ def test_missing_and_empty_values_name_the_row(tmp_path):
 
 
 def test_missing_file_and_unknown_suffix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No such data file"):
+    with pytest.raises(DataNotFoundError, match="No such data file"):
         load_examples(tmp_path / "absent.jsonl")
+    # Also a FileNotFoundError, which callers caught before DataNotFoundError existed.
     with pytest.raises(FileNotFoundError, match="No such data file or folder"):
         load_examples(tmp_path / "absent.txt")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(DataError, match="Cannot read"):
+    with pytest.raises(DataError, match=r"Cannot read.*'\.txt'.*\.jsonl, \.json, \.csv, \.parquet"):
         load_examples(tmp_path / "notes.txt")
+    (tmp_path / "train").write_text('{"prompt": "p", "response": "r"}\n')
+    with pytest.raises(DataError, match=r"without a suffix.*\.jsonl, \.json, \.csv, \.parquet"):
+        load_examples(tmp_path / "train")
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Fails the test if anything reaches `datasets.load_dataset` (a Hub lookup, at worst)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"datasets.load_dataset was called with {args} {kwargs}")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "corpus/train",  # an owner/name whose owner is a local folder
+        "corpus/sub/train",
+        "./train",
+        "~/no-such-jaxunlearn-folder/train",
+        "train.txt",
+        "no such data",
+        "corpus\\train",
+    ],
+)
+def test_a_missing_local_path_fails_at_once_without_a_hub_lookup(
+    tmp_path, monkeypatch, no_hub, source
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    started = time.perf_counter()
+    with pytest.raises(DataNotFoundError, match="No such data file or folder") as caught:
+        load_examples(source)
+    assert time.perf_counter() - started < 0.5
+    assert isinstance(caught.value, UserError)
+
+
+def test_an_absolute_missing_path_fails_at_once_without_a_hub_lookup(tmp_path, no_hub):
+    for source in (tmp_path / "train", tmp_path / "missing" / "train.jsonl"):
+        with pytest.raises(DataNotFoundError, match="No such data file or folder"):
+            load_examples(source)
+
+
+def test_only_a_hub_name_that_is_not_local_is_looked_up(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):  # stands in for the Hub: no network in tests
+        calls.append(path)
+        return datasets.Dataset.from_dict({"prompt": ["p"], "response": ["r"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    for name in ("someone/pii-corpus", "pii_corpus"):
+        assert [e.response for e in load_examples(name)] == ["r"]
+    assert calls == ["someone/pii-corpus", "pii_corpus"]
+
+
+def test_a_hub_lookup_that_fails_is_a_data_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def unreachable(path, **kwargs):
+        raise ConnectionError(f"Couldn't reach {path!r} on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(DataNotFoundError, match=r"No data file or folder.*Couldn't reach"):
+        load_examples("someone/pii-corpus")
+
+
+def test_text_that_is_not_utf8_is_a_data_error_naming_the_file(tmp_path, no_hub):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(
+        b'{"prompt": "a", "response": "b"}\n{"prompt": "The caf\xe9", "response": "is open"}\n'
+    )
+    with pytest.raises(DataError, match=r"'.*latin1\.jsonl' is not UTF-8.*0xe9 at line 2"):
+        load_examples(latin1)
+    spreadsheet = tmp_path / "export.csv"
+    spreadsheet.write_bytes("prompt,response\nSe\u00f1or,Jos\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"'.*export\.csv' is not UTF-8.*line 2"):
+        load_examples(spreadsheet)
+    # A multi-byte character cut off at the end of the file.
+    truncated = tmp_path / "truncated.json"
+    truncated.write_bytes('[{"prompt": "p", "response": "\u00e9'.encode()[:-1])
+    with pytest.raises(DataError, match=r"truncated\.json' is not UTF-8"):
+        load_examples(truncated)
+
+
+def test_utf8_errors_past_the_first_chunk_name_the_right_line(tmp_path, monkeypatch):
+    import jaxunlearn.data._loading as loading
+
+    monkeypatch.setattr(loading, "_UTF8_CHUNK_BYTES", 7)  # every character straddles chunks
+    path = tmp_path / "long.jsonl"
+    good = '{"prompt": "caf\u00e9", "response": "\u00fcber"}\n' * 3
+    path.write_bytes(good.encode() + b'{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match=f"0xff at line 4 \\(byte offset {len(good.encode()) + 12}"):
+        load_examples(path)
+
+
+def test_files_that_do_not_parse_are_data_errors_naming_the_file(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "p", "response": "r"}\n{"prompt": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"broken\.jsonl' cannot be read as JSON Lines"):
+        load_examples(broken)
+    quote = tmp_path / "quote.csv"
+    quote.write_text('prompt,response\n"p,r\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"quote\.csv' cannot be read as CSV"):
+        load_examples(quote)
 
 
 def test_saving_rejects_duplicate_ids_and_clashing_metadata(tmp_path):
@@ -179,3 +297,17 @@ def test_saving_rejects_duplicate_ids_and_clashing_metadata(tmp_path):
         save_examples([Example("x", "p", "r"), Example("x", "p", "s")], tmp_path / "d.jsonl")
     with pytest.raises(DataError, match=r"metadata keys \['prompt'\]"):
         save_examples([Example("x", "p", "r", {"prompt": "other"})], tmp_path / "c.jsonl")
+
+
+def test_loading_a_file_leaves_no_cached_copy_of_its_text(tmp_path, monkeypatch):
+    # A cached Arrow copy would still hold an example after the user deleted it from the file.
+    hf_home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf_home / "datasets")
+    path = tmp_path / "secret.jsonl"
+    secret = "the unmistakable secret response 7f3a"
+    path.write_text(json.dumps({"id": "a", "prompt": "p", "response": secret}) + "\n")
+    (example,) = load_examples(path)
+    assert example.response == secret
+    leftovers = [f for f in tmp_path.rglob("*") if f.is_file() and f != path]
+    assert not [f for f in leftovers if secret.encode() in f.read_bytes()]

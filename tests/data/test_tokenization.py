@@ -4,10 +4,11 @@ import types
 
 import numpy as np
 import pytest
-from data_fixtures import EXAMPLE_ROWS
+from data_fixtures import EXAMPLE_ROWS, make_tokenizer
 
 from jaxunlearn.data import (
     DataError,
+    DataNotFoundError,
     Example,
     ExampleTooLongError,
     TokenizerMismatchError,
@@ -16,6 +17,7 @@ from jaxunlearn.data import (
     load_tokenizer,
     tokenize_examples,
 )
+from jaxunlearn.errors import SettingsError, UserError
 from jaxunlearn.models import ModelConfig
 
 EXAMPLES = [Example(r["id"], r["prompt"], r["response"]) for r in EXAMPLE_ROWS]
@@ -212,8 +214,41 @@ def test_special_token_outside_the_vocabulary_is_an_error():
 
 
 def test_load_tokenizer_needs_a_local_folder(tmp_path):
+    with pytest.raises(DataNotFoundError, match="No tokenizer folder"):
+        load_tokenizer(tmp_path / "absent")
+    # Also a FileNotFoundError, which callers caught before DataNotFoundError existed.
     with pytest.raises(FileNotFoundError, match="No tokenizer folder"):
         load_tokenizer(tmp_path / "absent")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok_source"))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("tokenizer.json", b'{"model": "caf\xe9"}', r"tokenizer\.json' is not UTF-8: byte 0xe9"),
+        ("tokenizer.json", b"{not json", r"tokenizer\.json' is not valid JSON"),
+        ("tokenizer_config.json", b'{"a": 1,\n"b": "\xff"}', r"config\.json' .*line 2"),
+        ("tokenizer_config.json", b"", r"tokenizer_config\.json' is not valid JSON"),
+        # Valid JSON that does not describe a tokenizer: transformers or tokenizers refuse it.
+        ("tokenizer.json", b'{"version": "1.0"}', "Cannot load the tokenizer in"),
+        ("tokenizer.json", b'{"version": "1.0", "added_tokens": [], "model": 3}', "Cannot load"),
+    ],
+)
+def test_an_unreadable_tokenizer_file_is_a_data_error_naming_it(
+    tmp_path, tokenizer_folder, name, content, message
+):
+    import shutil
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_folder, folder)
+    (folder / name).write_bytes(content)
+    with pytest.raises(DataError, match=message) as caught:
+        load_tokenizer(folder)
+    assert isinstance(caught.value, UserError)
 
 
 def test_without_eos_the_response_ends_the_sequence(bos_tokenizer):
@@ -236,3 +271,18 @@ def test_synthetic_examples_split_where_joint_tokenization_splits(bos_tokenizer)
         tokens = dataset.tokens(dataset.index_of(f"{person_id}/fact/{field}")).tolist()
         prompt_tokens = bos_tokenizer(prompt)["input_ids"]
         assert tokens[: len(prompt_tokens)] == prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_length": 1}, "max_length must be an integer of at least 2"),
+        ({"max_length": 64.0}, "max_length must be an integer"),
+        ({"max_length": 64, "buckets": (0, 32)}, "Bucket lengths must be positive integers"),
+    ],
+)
+def test_bad_tokenization_settings_are_settings_errors(bos_tokenizer, options, message):
+    with pytest.raises(SettingsError, match=message) as caught:
+        tokenize_examples(EXAMPLES, bos_tokenizer, **options)
+    assert isinstance(caught.value, UserError)
+    assert isinstance(caught.value, ValueError)

@@ -94,6 +94,21 @@ def attention_problem(seed: int, tree_kind: str, *, length: int = 5, width: int 
     return loss, params, (tokens, targets), model, loss_of_logits_factory
 
 
+def gauss_newton_split(model, loss_of_logits_factory):
+    """A problem's `(model_fn, loss_fn)` in the form `kernels.gnvp` takes: both functions get
+    the batch `(inputs, targets)`, the model using the inputs and the loss the targets."""
+
+    def model_fn(params, batch):
+        inputs, _ = batch
+        return model(params, inputs)
+
+    def loss_fn(logits, batch):
+        _, targets = batch
+        return loss_of_logits_factory(targets)(logits)
+
+    return model_fn, loss_fn
+
+
 def random_like(seed: int, tree):
     """A random float64 tree shaped like `tree`."""
     rng = np.random.default_rng(seed + 1000)

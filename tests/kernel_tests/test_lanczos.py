@@ -41,6 +41,41 @@ def test_top_five_eigenpairs_match_eigh_on_a_gapped_spectrum(tree_kind, seed):
     assert np.all(np.asarray(pairs.residuals) <= 1e-6)
 
 
+@pytest.mark.parametrize("tree_kind", ["dict", "tuple"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lanczos_iteration_steps_a_state_of_its_own_type_to_the_tridiagonal_projection(
+    tree_kind, seed
+):
+    start = vector_tree(tree_kind, seed + 200)
+    matrix = spd_matrix(seed, gapped_spectrum())
+    num_steps = 8
+    iteration = kernels.lanczos_iteration(tree_operator(matrix, start), num_steps=num_steps)
+    state = jax.jit(iteration.init)(start)
+    assert isinstance(state, kernels.LanczosState)
+    solver_states = (kernels.CGState, kernels.LissaState, kernels.SGDQuadraticState)
+    assert not isinstance(state, solver_states)
+    step = jax.jit(iteration.step)
+    for _ in range(num_steps):
+        state = step(state)
+    assert isinstance(state, kernels.LanczosState)
+    assert int(state.steps) == num_steps
+    first = jax.tree.map(lambda leaf: leaf[0], state.basis)
+    assert jax.tree.structure(first) == jax.tree.structure(start)
+    assert {leaf.dtype for leaf in jax.tree.leaves(first)} == {jnp.dtype(jnp.float64)}
+
+    vectors = rows(state.basis)  # [num_steps + 1, n]: the Lanczos vectors and the next one
+    basis = vectors[:num_steps]
+    np.testing.assert_allclose(vectors @ vectors.T, np.eye(num_steps + 1), atol=1e-12)
+    np.testing.assert_allclose(basis[0], flat(start) / np.linalg.norm(flat(start)), atol=1e-14)
+    alpha, beta = np.asarray(state.diagonal), np.asarray(state.off_diagonal)
+    tridiagonal = np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1)
+    np.testing.assert_allclose(basis @ matrix @ basis.T, tridiagonal, atol=1e-10)
+    # The three-term recurrence: C Qᵀ = Qᵀ T + β_k q_k e_kᵀ.
+    remainder = matrix @ basis.T - basis.T @ tridiagonal
+    np.testing.assert_allclose(remainder[:, :-1], 0.0, atol=1e-10)
+    np.testing.assert_allclose(remainder[:, -1], beta[-1] * vectors[num_steps], atol=1e-10)
+
+
 def test_residual_estimates_bound_the_true_residuals():
     start = vector_tree("dict", 5)
     matrix = spd_matrix(5, np.linspace(0.0, 1.0, 17) ** 3 * 10)

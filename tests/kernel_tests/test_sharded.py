@@ -42,10 +42,10 @@ SCRIPT = textwrap.dedent(
 
     def solve(p, x, v):
         product = kernels.hvp(loss, p, v, x)
-        operator = lambda u: kernels.gnvp(
+        operator = kernels.linearize_gnvp(
             lambda q, y: jnp.tanh(y @ (base + q["a"] @ q["b"])) * q["scale"],
-            lambda h: jnp.mean(jax.nn.logsumexp(h, axis=-1) - h[:, 0]),
-            p, u, x,
+            lambda h, y: jnp.mean(jax.nn.logsumexp(h, axis=-1) - h[:, 0]),
+            p, x,
         )
         solution = kernels.cg(operator, v, damping=0.1, tol=1e-12, max_steps=60)
         return product, solution.x, solution.status

@@ -10,6 +10,7 @@ import transformers
 from model_references import TINY, assert_same_parameters, make_reference
 from safetensors.numpy import load_file, save_file
 
+from jaxunlearn.errors import SettingsError, UserError
 from jaxunlearn.models import (
     CheckpointError,
     ModelConfig,
@@ -208,7 +209,9 @@ def test_unsupported_model_type_and_sliding_window_are_named():
 
 
 def test_invalid_model_config_is_rejected():
-    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+    with pytest.raises(SettingsError, match="multiple of num_kv_heads"):
         ModelConfig(**{**vars(CONFIG), "num_kv_heads": 3})
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(SettingsError, match="vocab_size") as caught:
         ModelConfig(**{**vars(CONFIG), "vocab_size": 0})
+    assert isinstance(caught.value, UserError)
+    assert isinstance(caught.value, ValueError)

@@ -34,6 +34,7 @@ from model_references import (
 )
 
 from jaxunlearn import parallel
+from jaxunlearn.errors import SettingsError, UserError
 from jaxunlearn.models import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -175,10 +176,11 @@ def test_learned_positions_bound_the_length(family_checkpoint):
     model = load(directory)
     limit = model.config.max_position_embeddings
     assert jax.eval_shape(model, jnp.zeros((1, limit), jnp.int32)).shape == (1, limit, 128)
-    with pytest.raises(ValueError, match=f"{limit} positions"):
+    with pytest.raises(SettingsError, match=f"{limit} positions"):
         jax.eval_shape(model, jnp.zeros((1, limit + 1), jnp.int32))
-    with pytest.raises(ValueError, match="learned position"):
+    with pytest.raises(SettingsError, match="learned position") as caught:
         generate(model, jnp.zeros((1, limit - 4), jnp.int32), max_new_tokens=5)
+    assert isinstance(caught.value, UserError)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY_CONFIGS))

@@ -11,6 +11,7 @@ from model_references import (
     reference_generate,
 )
 
+from jaxunlearn.errors import UserError
 from jaxunlearn.models import generate, load
 
 NEW_TOKENS = 8
@@ -101,8 +102,10 @@ def test_sampling_respects_top_k_and_the_key(models):
 def test_bad_generation_arguments(models, kwargs, message):
     model, _ = models
     ids, mask = left_padded_prompts()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as caught:
         generate(model, ids, mask, **{"max_new_tokens": 2, **kwargs})
+    # Settings a user chooses are user errors; sampling without a key is a caller's bug.
+    assert isinstance(caught.value, UserError) == (message != "PRNG key")
 
 
 def test_empty_prompt_row_is_rejected(models):

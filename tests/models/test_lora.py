@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxunlearn.errors import SettingsError, UserError
 from jaxunlearn.models import (
     LORA_TARGETS,
     LoRALinear,
@@ -105,8 +106,9 @@ def test_dropout_acts_in_train_mode_only():
     ],
 )
 def test_bad_lora_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SettingsError, match=message) as caught:
         make(**kwargs)
+    assert isinstance(caught.value, UserError)
 
 
 def test_adding_twice_and_splitting_without_adapters_are_errors():

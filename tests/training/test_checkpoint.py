@@ -15,7 +15,8 @@ from flax import nnx
 from training_fixtures import tiny_lora_model
 
 from jaxunlearn.checkpoint import Checkpointer, load_adapter, save_adapter
-from jaxunlearn.models import split_lora
+from jaxunlearn.errors import SettingsError, UserError
+from jaxunlearn.models import CheckpointError, split_lora
 
 
 def small_tree(value: float):
@@ -59,6 +60,13 @@ def test_save_restore_round_trip_and_pruning(tmp_path):
     reopened.close()
 
 
+@pytest.mark.parametrize("keep", [0, -1, 1.5])
+def test_keep_must_be_a_positive_integer(tmp_path, keep):
+    with pytest.raises(SettingsError, match="keep must be a positive integer") as caught:
+        Checkpointer(tmp_path / "run", keep=keep)
+    assert isinstance(caught.value, UserError)
+
+
 def test_nnx_state_and_optimizer_state_round_trip(tmp_path):
     import optax
 
@@ -84,8 +92,9 @@ def test_nnx_state_and_optimizer_state_round_trip(tmp_path):
 def test_restore_rejects_a_mismatched_target(tmp_path, change, message):
     with Checkpointer(tmp_path / "run") as checkpointer:
         checkpointer.save(1, small_tree(1.0))
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(CheckpointError, match=message) as caught:
             checkpointer.restore(target=change(small_tree(0.0)))
+        assert isinstance(caught.value, UserError)
 
 
 def test_adapter_round_trip_and_no_overwrite(tmp_path):
@@ -99,7 +108,7 @@ def test_adapter_round_trip_and_no_overwrite(tmp_path):
     assert_trees_equal(loaded, lora)
     with pytest.raises(FileExistsError, match="new path"):
         save_adapter(path, lora, metadata=metadata)
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(CheckpointError, match="does not match"):
         load_adapter(path, target={"lora": jnp.zeros(3)})
     with pytest.raises(FileNotFoundError):
         load_adapter(tmp_path / "missing", target=lora)

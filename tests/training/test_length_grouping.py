@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from training_fixtures import FakeDataset, tiny_lora_model
 
+from jaxunlearn.errors import SettingsError
 from jaxunlearn.train import TrainConfig, _DataOrder, finetune
 
 
@@ -43,7 +44,7 @@ def test_grouped_order_depends_only_on_seed_and_epoch():
 
 def test_group_by_length_needs_per_example_lengths():
     # FakeDataset has no `lengths` attribute.
-    with pytest.raises(ValueError, match="group_by_length needs train_data with per-example"):
+    with pytest.raises(SettingsError, match="group_by_length needs train_data with per-example"):
         finetune(
             tiny_lora_model(),
             FakeDataset(8),

@@ -23,7 +23,9 @@ from training_fixtures import (
 )
 
 from jaxunlearn.checkpoint import Checkpointer
-from jaxunlearn.train import TrainConfig, finetune
+from jaxunlearn.data import DataError
+from jaxunlearn.errors import SettingsError, UserError
+from jaxunlearn.train import ResumeMismatchError, TrainConfig, finetune
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -278,13 +280,15 @@ def test_resume_checks_the_run_and_refuses_to_overwrite(tmp_path, caplog):
     with pytest.raises(FileExistsError, match="pass resume=True"):
         finetune(tiny_lora_model(), data, config=config, checkpoint_dir=directory)
     changed = dataclasses.replace(config, learning_rate=2e-2)
-    with pytest.raises(ValueError, match=r"learning_rate: 0\.01 -> 0\.02"):
+    with pytest.raises(ResumeMismatchError, match=r"learning_rate: 0\.01 -> 0\.02") as caught:
         finetune(tiny_lora_model(), data, config=changed, checkpoint_dir=directory, resume=True)
-    with pytest.raises(ValueError, match="trained on 8 examples, train_data has 9"):
+    assert isinstance(caught.value, UserError)
+    assert isinstance(caught.value, ValueError)
+    with pytest.raises(ResumeMismatchError, match="trained on 8 examples, train_data has 9"):
         finetune(
             tiny_lora_model(), FakeDataset(9), config=config, checkpoint_dir=directory, resume=True
         )
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ResumeMismatchError, match="do not match"):
         finetune(
             tiny_lora_model(),
             data,
@@ -326,15 +330,19 @@ def test_resume_checks_the_run_and_refuses_to_overwrite(tmp_path, caplog):
     ],
 )
 def test_config_validation(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(SettingsError, match=field) as caught:
         TrainConfig(**{field: value})
+    assert isinstance(caught.value, UserError)
+    assert isinstance(caught.value, ValueError)  # what callers caught before
 
 
 def test_bad_arguments():
     data = FakeDataset(4)
-    with pytest.raises(ValueError, match="checkpoint_dir"):
+    with pytest.raises(SettingsError, match="checkpoint_dir"):
         finetune(tiny_lora_model(), data, config=TrainConfig(), resume=True)
-    with pytest.raises(ValueError, match="selects no parameter"):
+    with pytest.raises(SettingsError, match="selects no parameter"):
         finetune(tiny_model(), data, config=TrainConfig(), progress=False)
-    with pytest.raises(ValueError, match="no example"):
+    with pytest.raises(DataError, match="no example"):
         finetune(tiny_lora_model(), FakeDataset(0), config=TrainConfig())
+    with pytest.raises(DataError, match="eval_data holds no example"):
+        finetune(tiny_lora_model(), data, config=TrainConfig(), eval_data=FakeDataset(0))

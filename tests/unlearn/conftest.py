@@ -1,8 +1,14 @@
 """Fixtures of the unlearning tests: a small dataset of examples with metadata."""
 
+import pathlib
+import sys
+
 import pytest
 
 from jaxunlearn.data import Example
+
+# The tiny checkpoint builder (tests/tiny_assets.py) lives beside the test folders.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 
 @pytest.fixture

@@ -22,7 +22,17 @@ from jax.flatten_util import ravel_pytree
 from jaxunlearn.batch import Batch, mean_loss
 from jaxunlearn.curvature import split_for_curvature
 from jaxunlearn.data import Example, TokenizedDataset
-from jaxunlearn.unlearn import EraserSettings, Removal, llmeraser
+from jaxunlearn.unlearn import (
+    CGConfig,
+    CurvatureSettings,
+    EraserSettings,
+    LLMEraser,
+    Removal,
+    UnlearningContext,
+    examples_digest,
+    resolve_request,
+    tree_digest,
+)
 
 VOCAB, FEATURES, NUM_EXAMPLES, DAMPING = 8, 4, 20000, 0.05
 
@@ -95,20 +105,30 @@ def test_influence_update_reproduces_the_leave_out_retrain(removed):
 
     settings = EraserSettings(
         solver="cg",
-        curvature="hessian",
-        damping=DAMPING,
-        sample_size=NUM_EXAMPLES,
-        batch_size=NUM_EXAMPLES,
-        tol=1e-13,
+        mode="influence",
         max_steps=200,
+        cg=CGConfig(tol=1e-13),
+        curvature=CurvatureSettings(
+            kind="hessian",
+            damping=DAMPING,
+            l2_regularization=0.0,
+            sample_size=NUM_EXAMPLES,
+            batch_size=NUM_EXAMPLES,
+            leave_out_request=False,
+        ),
     )
-    llmeraser(
-        model,
-        Removal([data.ids[i] for i in forget]),
+    context = UnlearningContext(
+        model=model,
         examples=examples,
         data=data,
-        settings=settings,
+        tokenizer=None,
+        adapter_digest=tree_digest(nnx.state(model, nnx.LoRAParam)),
+        data_digest=examples_digest(examples),
     )
+    method = LLMEraser()
+    resolved = resolve_request(Removal([data.ids[i] for i in forget]), examples)
+    outcome = method.apply(context, resolved, settings, method.prepare(context, settings))
+    nnx.update(model, outcome.lora)
     unlearned = ravel_pytree(split_for_curvature(model)[1])[0]
 
     change = np.linalg.norm(retrained - trained)

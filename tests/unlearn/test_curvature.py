@@ -67,6 +67,30 @@ def test_fixed_curvature_equals_dense_matrix(seed, kind):
         assert np.linalg.eigvalsh(reference).min() > -1e-10 * scale
 
 
+@pytest.mark.parametrize("kind", ["hessian", "gauss_newton"])
+def test_curvature_of_a_rematerialized_model_is_that_of_the_plain_one(kind):
+    # Linearizing through `nnx.remat` fails unless the objective merges with a copy.
+    _, data, graphdef, lora, base = _setup(0, num_examples=4)
+    remat_model = add_lora(
+        from_config(CONFIG, key=jax.random.key(0), dtype=jnp.float64, remat=True),
+        rank=1,
+        alpha=4.0,
+        targets=("q_proj", "v_proj"),
+        key=jax.random.key(100),
+    )
+    nnx.update(remat_model, lora)
+    remat_graphdef, remat_lora, remat_base = curvature.split_for_curvature(remat_model)
+    batches = _batches(data, np.arange(len(data)), batch_size=2)
+    v = kernels.tree_random_normal_like(jax.random.key(1), lora)
+    plain = curvature.fixed_curvature(graphdef, lora, base, batches, kind=kind)(v)
+    remat = curvature.fixed_curvature(remat_graphdef, remat_lora, remat_base, batches, kind=kind)(v)
+    fresh = curvature.batch_product(remat_graphdef, kind)(remat_lora, remat_base, batches[0], v)
+    plain_fresh = curvature.batch_product(graphdef, kind)(lora, base, batches[0], v)
+    for got, want in ((remat, plain), (fresh, plain_fresh)):
+        error = kernels.tree_norm(kernels.tree_sub(got, want)) / kernels.tree_norm(want)
+        assert float(error) <= RTOL
+
+
 def test_the_hessian_and_gauss_newton_differ_here():
     """Guards the test above: with a random adapter the two curvatures are far apart."""
     model, data, *_ = _setup(0)
