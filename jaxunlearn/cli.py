@@ -45,7 +45,6 @@ USER_ERRORS = (
     PermissionError,
 )
 
-ADAPTER_FORMATS = ("jaxunlearn", "peft")
 # The demo's recipe: with it LLMEraser's default Newton step closes most of the forget gap.
 DEFAULT_L2_REGULARIZATION = 1e-2
 DEFAULT_METHOD = "llmeraser"
@@ -80,7 +79,7 @@ def _method_asked(argv: list[str]) -> str:
 
 
 def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
-    from jaxunlearn.unlearn import get_method, method_names
+    from jaxunlearn.unlearn import ADAPTER_FORMATS, get_method, method_names
 
     parser = argparse.ArgumentParser(
         prog="jaxunlearn",

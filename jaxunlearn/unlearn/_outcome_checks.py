@@ -9,9 +9,8 @@ that overshot: on a real pretrained model a Newton step once took every loss fro
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -126,10 +125,7 @@ def _objective(graphdef, lora, base, batches, penalty: float) -> float:
     return total / count + 0.5 * penalty * squared
 
 
-_OBJECTIVES: dict[Any, Callable] = {}
-
-
+@functools.cache
 def _jitted_objective(graphdef):
-    if graphdef not in _OBJECTIVES:
-        _OBJECTIVES[graphdef] = jax.jit(curvature.objective(graphdef))
-    return _OBJECTIVES[graphdef]
+    # One compiled objective per graph, reused by every later request on the same model.
+    return jax.jit(curvature.objective(graphdef))

@@ -16,10 +16,9 @@ import shutil
 from collections.abc import Sequence
 
 from jaxunlearn.unlearn._ledger import Record
+from jaxunlearn.unlearn._lineage_checks import known_adapters
 
 __all__ = ["StaleCopy", "purge", "stale_copies"]
-
-KINDS = ("adapter", "checkpoints", "preparation", "data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +46,7 @@ def stale_copies(records: Sequence[Record], digest: str, sources) -> list[StaleC
         digest: The newest adapter's digest.
         sources: The `Sources` of the request (its data file is listed, never deleted).
     """
-    committed = {record["intent"] for record in records if record.type == "commit"}
-    by_digest = {}
-    for record in records:
-        if record.type == "root" or (record.type == "intent" and record.sequence in committed):
-            by_digest[record["adapter_digest"]] = record
+    by_digest = known_adapters(records)
     copies: list[StaleCopy] = []
     record = by_digest.get(digest)
     removed_any = False
@@ -78,7 +73,7 @@ def stale_copies(records: Sequence[Record], digest: str, sources) -> list[StaleC
                 )
             )
         record = parent
-    checkpoints = _checkpoints_of(records, by_digest, digest)
+    checkpoints = _checkpoints_of(by_digest, digest)
     if checkpoints and os.path.exists(checkpoints):
         copies.append(
             StaleCopy(
@@ -114,7 +109,7 @@ def purge(copies: Sequence[StaleCopy], /) -> tuple[str, ...]:
     return tuple(deleted)
 
 
-def _checkpoints_of(records, by_digest, digest) -> str | None:
+def _checkpoints_of(by_digest, digest) -> str | None:
     record = by_digest.get(digest)
     while record is not None and record.type == "intent":
         record = by_digest.get(record["parent"])

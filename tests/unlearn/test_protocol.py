@@ -29,6 +29,7 @@ from jaxunlearn.unlearn import (
     ArtifactMismatchError,
     ConflictingRequestError,
     Ledger,
+    LedgerError,
     LineageError,
     NoEffectError,
     ObjectiveWorsenedError,
@@ -319,7 +320,7 @@ def test_a_tampered_ledger_line_is_detected(lineage):
     lines = path.read_text().splitlines()
     lines[2] = lines[2].replace('"removal"', '"query_edit"')
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(Exception, match="seal"):
+    with pytest.raises(LedgerError, match="seal"):
         Ledger(path).records()
 
 
