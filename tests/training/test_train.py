@@ -142,16 +142,19 @@ def test_l2_regularization_is_part_of_the_objective():
         loss = mean_loss(merged(batch.input_ids, batch.attention_mask), batch)
         return loss + 0.5 * penalty * optax.tree.norm(params, squared=True)
 
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, 0, 2)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+
+    @jax.jit  # one compilation for both replays, instead of op-by-op dispatch
+    def step(current, state, penalty):
+        grads = jax.grad(objective)(current, penalty)
+        updates, state = optimizer.update(grads, state, current)
+        return optax.apply_updates(current, updates), state
+
     def replay(penalty):
-        schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, 0, 2)
-        optimizer = optax.chain(
-            optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0)
-        )
         state, current = optimizer.init(params), params
         for _ in range(2):
-            grads = jax.grad(objective)(current, penalty)
-            updates, state = optimizer.update(grads, state, current)
-            current = optax.apply_updates(current, updates)
+            current, state = step(current, state, penalty)
         return [np.asarray(leaf) for leaf in jax.tree.leaves(current)]
 
     got = lora_arrays(trained)

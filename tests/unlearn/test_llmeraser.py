@@ -138,7 +138,13 @@ def _removal_reference(
 
 @pytest.mark.parametrize(
     ("curvature_kind", "mode"),
-    [("hessian", "influence"), ("gauss_newton", "influence"), ("gauss_newton", "newton")],
+    [
+        # The Hessian's products are checked against the dense Hessian in test_curvature.py,
+        # and its solve path is the Gauss-Newton one: by default only with -m slow.
+        pytest.param("hessian", "influence", marks=pytest.mark.slow),
+        ("gauss_newton", "influence"),
+        ("gauss_newton", "newton"),
+    ],
 )
 def test_removal_update_equals_the_dense_solve(curvature_kind, mode):
     model = tiny_lora_model(seed=0, dtype=jnp.float64)
@@ -174,7 +180,8 @@ def test_removal_update_equals_the_dense_solve(curvature_kind, mode):
     [
         ("newton", 0.3, 0.0, False),
         ("influence", 0.3, 0.02, True),
-        ("newton", 0.3, 0.0, True),
+        # Each ingredient is covered above; this combination only adds time.
+        pytest.param("newton", 0.3, 0.0, True, marks=pytest.mark.slow),
     ],
 )
 def test_penalty_and_left_out_curvature_match_the_dense_solve(mode, l2, damping, leave_out):
@@ -370,7 +377,7 @@ def test_cg_stopped_at_max_steps_is_approximate():
 
 
 def test_a_failed_solve_raises_and_leaves_the_adapter_unchanged():
-    model = tiny_lora_model(seed=0)
+    model = tiny_lora_model(seed=0, dtype=jnp.float64)
     examples, data = random_examples(NUM_EXAMPLES)
     snapshot = _snapshot(model)
     # The Hessian is indefinite here (test_curvature.py): tiny damping lets CG meet negative
@@ -380,7 +387,8 @@ def test_a_failed_solve_raises_and_leaves_the_adapter_unchanged():
     _assert_unchanged(model, snapshot)
 
 
-@pytest.mark.parametrize("solver", ["lissa", "sgd"])
+# One refusal runs by default: both solvers go through the same check.
+@pytest.mark.parametrize("solver", [pytest.param("lissa", marks=pytest.mark.slow), "sgd"])
 def test_an_indefinite_curvature_is_refused_by_solvers_that_cannot_handle_it(solver):
     """With (almost) no damping and no penalty, the indefinite Hessian would make LiSSA and
     the stochastic solver return garbage: refused before the solve, saying what to change."""

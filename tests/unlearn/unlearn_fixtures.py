@@ -5,6 +5,8 @@ dataset, computed on one batch holding every example: an independent route to th
 numbers that `jaxunlearn.curvature` computes batch by batch from length-sorted, padded batches.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,6 +70,25 @@ def random_examples(num_examples: int, *, seed: int = 0) -> tuple[list[Example],
     return examples, data
 
 
+def _loss_of_flat(flat, template, base, batch, *, graphdef):
+    return mean_loss(_logits_of_flat(flat, template, base, batch, graphdef=graphdef), batch)
+
+
+def _logits_of_flat(flat, template, base, batch, *, graphdef):
+    # The LoRA tree is rebuilt from the flat vector inside the trace (`template` gives its
+    # structure), so that these functions are module-level and each shape compiles once.
+    lora = ravel_pytree(template)[1](flat)
+    return nnx.merge(graphdef, lora, base)(batch.input_ids, batch.attention_mask)
+
+
+_jit = functools.partial(jax.jit, static_argnames="graphdef")
+_logits = _jit(_logits_of_flat)
+_loss = _jit(_loss_of_flat)
+_gradient = _jit(jax.grad(_loss_of_flat))
+_hessian = _jit(jax.hessian(_loss_of_flat))
+_logits_jacobian = _jit(jax.jacfwd(_logits_of_flat))
+
+
 class DenseObjective:
     """The mean objective over a set of examples as a function of the flat LoRA vector."""
 
@@ -76,25 +97,29 @@ class DenseObjective:
         self.flat, self.unravel = ravel_pytree(lora)
         indices = np.arange(len(data)) if indices is None else np.asarray(indices)
         self.batch = Batch(*(jnp.asarray(a) for a in data.batch(indices, batch_size=len(indices))))
-        self._graphdef, self._base = graphdef, base
+        self._arguments = (lora, base, self.batch)
+        self._graphdef = graphdef
 
     def logits(self, flat):
-        model = nnx.merge(self._graphdef, self.unravel(flat), self._base)
-        return model(self.batch.input_ids, self.batch.attention_mask)
+        return _logits(flat, *self._arguments, graphdef=self._graphdef)
 
     def loss(self, flat):
-        return mean_loss(self.logits(flat), self.batch)
+        return _loss(flat, *self._arguments, graphdef=self._graphdef)
 
     def gradient(self) -> np.ndarray:
-        return np.asarray(jax.jit(jax.grad(self.loss))(self.flat), np.float64)
+        return np.asarray(
+            _gradient(self.flat, *self._arguments, graphdef=self._graphdef), np.float64
+        )
 
     def hessian(self) -> np.ndarray:
-        return np.asarray(jax.jit(jax.hessian(self.loss))(self.flat), np.float64)
+        return np.asarray(
+            _hessian(self.flat, *self._arguments, graphdef=self._graphdef), np.float64
+        )
 
     def gauss_newton(self) -> np.ndarray:
         """(1/N) Σ_i (1/c_i) Σ_t w_it J_itᵀ (diag p − p pᵀ) J_it, in float64."""
         jacobian = np.asarray(
-            jax.jit(jax.jacfwd(self.logits))(self.flat), np.float64
+            _logits_jacobian(self.flat, *self._arguments, graphdef=self._graphdef), np.float64
         )  # [B, T, V, P]
         logits = np.asarray(self.logits(self.flat), np.float64)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
