@@ -88,24 +88,25 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "jaxunlearn.cli", *arguments], check=True)
             seconds[name] = time.perf_counter() - start
 
-        base = open_adapter(work / "run" / "adapter", assets.model_dir).model
-        tokenizer = load_tokenizer(assets.tokenizer_dir)
-
-        def tokenized(items):
-            # As the commands tokenize: the model's context, the default buckets.
-            length = base.config.max_position_embeddings
-            return tokenize_examples(items, tokenizer, max_length=length, buckets=DEFAULT_BUCKETS)
-
-        forget_data = tokenized([e for e in examples if e.id in set(forget_ids)])
-        retain_data = tokenized(retain)
         adapters = {
             "original": work / "run" / "adapter",
             "unlearned": work / "unlearned",
             "retrained": work / "retrain" / "adapter",
         }
+        models = {
+            name: open_adapter(path, assets.model_dir).model for name, path in adapters.items()
+        }
+        tokenizer = load_tokenizer(assets.tokenizer_dir)
+
+        def tokenized(items):
+            # As the commands tokenize: the model's context, the default buckets.
+            length = models["original"].config.max_position_embeddings
+            return tokenize_examples(items, tokenizer, max_length=length, buckets=DEFAULT_BUCKETS)
+
+        forget_data = tokenized([e for e in examples if e.id in set(forget_ids)])
+        retain_data = tokenized(retain)
         figures = {}
-        for name, path in adapters.items():
-            model = open_adapter(path, assets.model_dir).model
+        for name, model in models.items():
             forget_losses = score_examples(model, forget_data).losses
             retain_losses = score_examples(model, retain_data).losses
             figures[name] = {

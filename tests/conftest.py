@@ -1,4 +1,4 @@
-"""Settings of every test: compiled programs are released before the process runs out of
+"""Fixtures of every test: compiled programs are released before the process runs out of
 memory mappings.
 
 JAX keeps every compiled executable for as long as the process lives, and XLA's CPU backend

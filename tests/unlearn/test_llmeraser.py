@@ -140,7 +140,7 @@ def _removal_reference(
     ("curvature_kind", "mode"),
     [
         # The Hessian's products are checked against the dense Hessian in test_curvature.py,
-        # and its solve path is the Gauss-Newton one: by default only with -m slow.
+        # and its solve path is the Gauss-Newton one: this case runs with -m slow.
         pytest.param("hessian", "influence", marks=pytest.mark.slow),
         ("gauss_newton", "influence"),
         ("gauss_newton", "newton"),
