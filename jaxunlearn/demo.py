@@ -48,7 +48,7 @@ from jaxunlearn.eval import (
     score_examples,
 )
 from jaxunlearn.models import LORA_TARGETS
-from jaxunlearn.train import TrainConfig, finetune
+from jaxunlearn.train import TrainConfig, default_warmup_steps, finetune, steps_for_epochs
 from jaxunlearn.unlearn import (
     DEFAULT_LEDGER_NAME,
     EraserSettings,
@@ -111,10 +111,10 @@ class DemoSettings:
 
     def train_config(self, num_examples: int, /) -> TrainConfig:
         """`epochs` passes over `num_examples` examples, 10% warmup, length-grouped batches."""
-        steps = max(2, round(self.epochs * num_examples / self.batch_size))
+        steps = steps_for_epochs(self.epochs, num_examples, self.batch_size)
         return TrainConfig(
             learning_rate=self.learning_rate,
-            warmup_steps=steps // 10,
+            warmup_steps=default_warmup_steps(steps),
             num_steps=steps,
             batch_size=self.batch_size,
             seed=self.seed,

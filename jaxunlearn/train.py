@@ -41,7 +41,9 @@ __all__ = [
     "TrainHistory",
     "TrainResult",
     "TrainingDivergedError",
+    "default_warmup_steps",
     "finetune",
+    "steps_for_epochs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -180,6 +182,27 @@ class TrainConfig:
     def examples_per_step(self) -> int:
         """`batch_size * grad_accumulation`."""
         return self.batch_size * self.grad_accumulation
+
+
+def steps_for_epochs(epochs: float, num_examples: int, examples_per_step: int, /) -> int:
+    """Optimizer steps of `epochs` passes over `num_examples` examples: the nearest integer
+    (halves to even, as `round`), at least 1.
+
+    Raises:
+        SettingsError: If `epochs` is not a positive finite number or a count is not a
+            positive integer.
+    """
+    if not _is_real(epochs) or not 0 < epochs < math.inf:
+        raise SettingsError(f"epochs must be a positive finite number, got {epochs!r}.")
+    for name, value in (("num_examples", num_examples), ("examples_per_step", examples_per_step)):
+        if not _is_int(value) or value <= 0:
+            raise SettingsError(f"{name} must be a positive integer, got {value!r}.")
+    return max(1, round(epochs * num_examples / examples_per_step))
+
+
+def default_warmup_steps(num_steps: int, /) -> int:
+    """The warmup of the demo and of `jaxunlearn finetune` unless told: a tenth of the steps."""
+    return num_steps // 10
 
 
 @dataclasses.dataclass

@@ -1,5 +1,6 @@
 """The `jaxunlearn` command end to end on a tiny checkpoint."""
 
+import dataclasses
 import json
 import shutil
 
@@ -13,6 +14,7 @@ from tiny_assets import TINY_CONFIG, make_tiny_checkpoint
 from jaxunlearn.adapter import LoraSettings, load_lora, read_lora_settings
 from jaxunlearn.cli import main
 from jaxunlearn.data import load_examples
+from jaxunlearn.demo import DemoSettings
 from jaxunlearn.models import (
     GPT2Config,
     add_lora,
@@ -73,6 +75,30 @@ def test_finetune_writes_an_adapter_that_changes_the_model(corpus_and_model, tmp
     assert not np.allclose(np.asarray(tuned(ids)), np.asarray(load(model_dir)(ids)))
     # The run is complete: resuming it trains nothing and keeps the adapter.
     assert main([*arguments, "--resume"]) == 0
+
+
+def test_finetune_defaults_are_the_demos_recipe(corpus_and_model, tmp_path, capsys):
+    root, model_dir = corpus_and_model
+    data = root / "corpus" / "train.jsonl"
+    base = ["finetune", "--model", str(model_dir), "--data", str(data), "--no-progress"]
+    # Only the length is given (the demo's 24 epochs would be slow here).
+    assert main([*base, "--out", str(tmp_path / "run"), "--epochs", "2"]) == 0
+    settings, metadata = read_lora_settings(tmp_path / "run" / "adapter")
+    recipe = DemoSettings(epochs=2.0)
+    assert settings == recipe.lora_settings()
+    trained = metadata["provenance"]["train_config"]
+    demo = dataclasses.asdict(recipe.train_config(len(load_examples(data))))
+    observed = ("eval_every", "checkpoint_every", "keep_checkpoints")
+    assert {k: v for k, v in trained.items() if k not in observed} == {
+        k: v for k, v in demo.items() if k not in observed
+    }
+    assert trained["num_steps"] == round(2 * len(load_examples(data)) / 32)
+    assert main([*base, "--out", str(tmp_path / "zero"), "--epochs", "0"]) == 2
+    assert "epochs must be a positive finite number" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main([*base, "--out", str(tmp_path / "both"), "--epochs", "1", "--steps", "3"])
+    assert exited.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_finetune_reports_bad_input_in_one_line(corpus_and_model, tmp_path, capsys):

@@ -13,8 +13,13 @@ from jaxunlearn.data._examples import Example, check_unique_ids
 from jaxunlearn.errors import SettingsError
 
 # Batches are padded to the smallest of these lengths that fits, so a jitted function compiles
-# at most once per bucket instead of once per distinct batch length.
-DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# at most once per bucket instead of once per distinct batch length. Steps of 1.5x and 4/3x pad
+# a batch by at most a third of its length (powers of two: by half), for twice the shapes.
+# fmt: off
+DEFAULT_BUCKETS = (
+    32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192,
+)
+# fmt: on
 
 
 class TokenizedDataset:

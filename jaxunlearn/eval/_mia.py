@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
-from sklearn import metrics
 
 from jaxunlearn.eval._scores import ExampleScores
 
@@ -52,6 +51,8 @@ def mia_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
         ValueError: If either side is empty or a score is not finite.
     """
     labels, scores = _labelled(member_scores, nonmember_scores)
+    from sklearn import metrics  # here: importing scikit-learn takes seconds
+
     return float(metrics.roc_auc_score(labels, scores))
 
 
@@ -66,6 +67,8 @@ def tpr_at_fpr(member_scores: np.ndarray, nonmember_scores: np.ndarray, fpr: flo
     """
     if not 0.0 <= fpr <= 1.0:
         raise ValueError(f"fpr must be in [0, 1], got {fpr!r}.")
+    from sklearn import metrics
+
     labels, scores = _labelled(member_scores, nonmember_scores)
     false_positive_rates, true_positive_rates, _ = metrics.roc_curve(
         labels, scores, drop_intermediate=False

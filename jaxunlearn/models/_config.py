@@ -310,8 +310,7 @@ class LearnedPositionsConfig:
 
     # The Hugging Face `model_type`.
     model_type: ClassVar[str]
-    # transformers' config class, and its name of each of our fields (keys: theirs).
-    _hf_class: ClassVar[type[transformers.PretrainedConfig]]
+    # transformers' name of each of our fields (keys: theirs).
     _hf_names: ClassVar[Mapping[str, str]]
     # transformers fields of this family that do not change the LM's evaluation-mode forward
     # computation, beyond `IGNORED_FIELDS`.
@@ -398,10 +397,12 @@ class LearnedPositionsConfig:
         return values
 
     def to_hf(self) -> transformers.PretrainedConfig:
-        """Returns the equivalent transformers config (of class `_hf_class`)."""
+        """Returns the equivalent transformers config (of the class for `model_type`)."""
         values = {hf: getattr(self, ours) for hf, ours in self._hf_names.items()}
         values["eos_token_id"] = eos_field(self.eos_token_id)
-        return self._hf_class(**values)
+        # Looked up by name when needed: reading transformers' config classes at import time
+        # imports PyTorch where it is installed (seconds at every start of the command line).
+        return transformers.AutoConfig.for_model(self.model_type, **values)
 
 
 def read_hf_config(path: str | os.PathLike, /) -> transformers.PretrainedConfig:

@@ -118,7 +118,6 @@ class GPT2Config(LearnedPositionsConfig):
     pad_token_id: int | None = None
 
     model_type: ClassVar[str] = "gpt2"
-    _hf_class: ClassVar = transformers.GPT2Config
     _hf_names: ClassVar = _HF_NAMES
     _hf_ignored: ClassVar = _IGNORED_FIELDS
 

@@ -116,7 +116,6 @@ class OPTConfig(LearnedPositionsConfig):
     pad_token_id: int | None = None
 
     model_type: ClassVar[str] = "opt"
-    _hf_class: ClassVar = transformers.OPTConfig
     _hf_names: ClassVar = _HF_NAMES
     _hf_ignored: ClassVar = _IGNORED_FIELDS
 

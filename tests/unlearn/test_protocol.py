@@ -52,6 +52,11 @@ def hf_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
 
 
+# Smaller adapters than the default's rank 32 on every projection: the protocol does not
+# depend on their size.
+SMALL_ADAPTER = ["--rank", "8", "--alpha", "16", "--targets", "q_proj,v_proj"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A corpus, a tiny checkpoint and a fine-tune of it (a registered root adapter)."""
@@ -62,6 +67,7 @@ def trained(tmp_path_factory):
     arguments = [
         "finetune", "--model", str(model), "--data", str(data), "--out", str(root / "run"),
         "--steps", "3", "--batch-size", "8", "--learning-rate", "1e-2", "--no-progress",
+        *SMALL_ADAPTER,
     ]  # fmt: skip
     assert main(arguments) == 0
     ids = [example.id for example in load_examples(data)]
@@ -329,6 +335,7 @@ def test_stale_copies_are_listed_and_purged(trained, tmp_path):
     arguments = [
         "finetune", "--model", str(trained["model"]), "--data", str(trained["data"]),
         "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "8", "--no-progress",
+        *SMALL_ADAPTER,
     ]  # fmt: skip
     assert main(arguments) == 0
     lineage = {
