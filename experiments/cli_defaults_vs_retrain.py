@@ -59,7 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = pathlib.Path(options.work or scratch)
         work.mkdir(parents=True, exist_ok=True)
-        train_file = assets.corpus_dir / "train.jsonl"
+        train_file = assets.train_file
         retain_file, forget_file = work / "retain.jsonl", work / "forget.txt"
         save_examples(retain, retain_file)
         forget_file.write_text("".join(f"{i}\n" for i in forget_ids), encoding="utf-8")

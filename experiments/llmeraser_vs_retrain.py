@@ -35,7 +35,7 @@ from flax import nnx
 import kernels
 from jaxunlearn import curvature
 from jaxunlearn.adapter import attach_lora
-from jaxunlearn.data import load_examples, tokenize_examples
+from jaxunlearn.data import tokenize_examples
 from jaxunlearn.defaults import ensure_defaults
 from jaxunlearn.demo import DemoSettings
 from jaxunlearn.eval import (
@@ -54,7 +54,6 @@ from jaxunlearn.unlearn import (
     LowRankConfig,
     NoEffectError,
     ObjectiveWorsenedError,
-    Provenance,
     QueryEdit,
     Removal,
     ResponseEdit,
@@ -133,9 +132,7 @@ def main() -> None:
         lineage = pathlib.Path(work)
         # The original training file holds the adapter's text: every request is applied to the
         # original adapter, so it is the right data file for edits too.
-        train_file = assets.corpus_dir / "train.jsonl"
-        if examples_digest(load_examples(train_file)) != examples_digest(examples):
-            raise RuntimeError(f"{train_file} does not hold the corpus's training examples.")
+        train_file = assets.train_file
         sources = Sources(
             base_model=assets.model_dir, data=train_file, tokenizer=assets.tokenizer_dir
         )
@@ -145,7 +142,6 @@ def main() -> None:
             lineage / "original",
             ledger,
             assets,
-            train_file,
             examples,
             data,
             config,
@@ -257,24 +253,12 @@ def main() -> None:
     print(table)
 
 
-def _save_original(model, path, ledger, assets, train_file, examples, data, config, demo):
+def _save_original(model, path, ledger, assets, examples, data, config, demo):
     """Saves the fine-tuned adapter as the root of `ledger`'s lineage, as the demo does."""
-    provenance = Provenance.of_training(
-        base_model=assets.model_dir,
-        tokenizer=assets.tokenizer_dir,
-        data=train_file,
-        examples=examples,
-        train_config=dataclasses.asdict(config),
-        tokenization={
-            "max_length": assets.recipe.max_length,
-            "truncate": False,
-            "buckets": list(data.buckets),
-        },
-    )
     save_root_adapter(
         model,
         path,
-        provenance=provenance,
+        provenance=assets.training_provenance(examples, data, config),
         base_model=assets.model_dir,
         ledger=ledger.path,
         lora_settings=demo.lora_settings(),

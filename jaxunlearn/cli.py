@@ -153,7 +153,9 @@ def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
         "assumes; lower it, or pass --steps, for large data)",
     )
     length.add_argument("--steps", type=int, help="optimizer steps, instead of --epochs")
-    finetune.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    finetune.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="default: %(default)s"
+    )
     finetune.add_argument("--grad-accumulation", type=int, default=1)
     finetune.add_argument(
         "--learning-rate",

@@ -121,6 +121,36 @@ class DefaultAssets:
         """The synthetic corpus in memory (regenerated: it is deterministic for the recipe)."""
         return _corpus(self.recipe)
 
+    @property
+    def train_file(self) -> pathlib.Path:
+        """The training examples as JSONL (what `jaxunlearn finetune --data` reads)."""
+        return self.corpus_dir / "train.jsonl"
+
+    def training_provenance(self, examples, data, config: TrainConfig, /):
+        """The `Provenance` of an adapter fine-tuned from the default's base model with `config`
+        on `examples` of `train_file`, tokenized as `data`, for `save_root_adapter`.
+
+        Raises:
+            RuntimeError: If `train_file` does not hold `examples` (the cache was edited).
+        """
+        from jaxunlearn.data import load_examples
+        from jaxunlearn.unlearn import Provenance, examples_digest
+
+        if examples_digest(load_examples(self.train_file)) != examples_digest(examples):
+            raise RuntimeError(f"{self.train_file} does not hold the corpus's training examples.")
+        return Provenance.of_training(
+            base_model=self.model_dir,
+            tokenizer=self.tokenizer_dir,
+            data=self.train_file,
+            examples=examples,
+            train_config=dataclasses.asdict(config),
+            tokenization={
+                "max_length": data.max_length,
+                "truncate": False,
+                "buckets": list(data.buckets),
+            },
+        )
+
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """The cache folder: the argument, else `$JAXUNLEARN_CACHE`, else `~/.cache/jaxunlearn`."""

@@ -31,7 +31,7 @@ from flax import nnx
 from jaxunlearn import curvature
 from jaxunlearn._strict_json import strict_dumps
 from jaxunlearn.adapter import LoraSettings, attach_lora
-from jaxunlearn.data import load_examples, tokenize_examples
+from jaxunlearn.data import tokenize_examples
 from jaxunlearn.defaults import ensure_defaults
 from jaxunlearn.eval import (
     compiled_flops,
@@ -53,12 +53,10 @@ from jaxunlearn.unlearn import (
     DEFAULT_LEDGER_NAME,
     EraserSettings,
     LLMEraser,
-    Provenance,
     Removal,
     Sources,
     UnlearningContext,
     apply_request,
-    examples_digest,
     open_adapter,
     retrain,
     save_root_adapter,
@@ -183,21 +181,8 @@ def run_demo(
     log("Unlearning the forget set with LLMEraser (through apply_request)...")
     lineage = output / "lineage"
     shutil.rmtree(lineage, ignore_errors=True)
-    train_file = assets.corpus_dir / "train.jsonl"
-    if examples_digest(load_examples(train_file)) != examples_digest(examples):
-        raise RuntimeError(f"{train_file} does not hold the corpus's training examples.")
-    provenance = Provenance.of_training(
-        base_model=assets.model_dir,
-        tokenizer=assets.tokenizer_dir,
-        data=train_file,
-        examples=examples,
-        train_config=dataclasses.asdict(config),
-        tokenization={
-            "max_length": recipe.max_length,
-            "truncate": False,
-            "buckets": list(data.buckets),
-        },
-    )
+    train_file = assets.train_file
+    provenance = assets.training_provenance(examples, data, config)
     ledger = save_root_adapter(
         original_model,
         lineage / "original",

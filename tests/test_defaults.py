@@ -121,3 +121,29 @@ def test_building_prints_nothing_on_stdout(tmp_path, capfd):
     assert "built the embedded default" in captured.err
     ensure_defaults(tmp_path / "cache", recipe=TINY, progress=True)  # cached: no build
     assert capfd.readouterr().out == ""
+
+
+def test_training_provenance_names_the_default_and_refuses_an_edited_training_file(built, tmp_path):
+    import shutil
+
+    from jaxunlearn.data import load_examples, save_examples, tokenize_examples
+    from jaxunlearn.train import TrainConfig
+
+    _, assets = built
+    examples = load_examples(assets.train_file)
+    data = tokenize_examples(
+        examples, assets.tokenizer(), max_length=TINY.max_length, buckets=TINY.buckets
+    )
+    config = TrainConfig(num_steps=3, l2_regularization=0.01)
+    provenance = assets.training_provenance(examples, data, config)
+    assert provenance.base_model["path"] == str(assets.model_dir)
+    assert provenance.data["path"] == str(assets.train_file)
+    assert provenance.example_ids == tuple(e.id for e in examples)
+    assert provenance.train_config == dataclasses.asdict(config)
+    assert provenance.tokenization["buckets"] == list(data.buckets)
+    # The examples given must be the file's: another corpus (one example short) is refused.
+    copy = dataclasses.replace(assets, corpus_dir=tmp_path / "corpus")
+    shutil.copytree(assets.corpus_dir, copy.corpus_dir)
+    save_examples(examples[1:], copy.train_file)
+    with pytest.raises(RuntimeError, match="does not hold the corpus's training examples"):
+        copy.training_provenance(examples, data, config)
