@@ -190,6 +190,7 @@ def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
         metavar="FILE",
         help="the ledger that records the adapter's lineage (default: --out/unlearn-ledger.jsonl)",
     )
+    _add_mesh_argument(finetune)
     finetune.add_argument("--no-progress", action="store_true")
     finetune.set_defaults(run=_finetune)
 
@@ -331,6 +332,27 @@ def _columns(options) -> dict[str, str]:
     )
 
 
+def _add_mesh_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mesh",
+        metavar="SPEC",
+        help="run on a device mesh: AXIS=SIZE items over data, fsdp and tensor (e.g. "
+        "'data=2,fsdp=4'; axes left out are 1), or 'auto' for every device on fsdp; the "
+        "batch size must be a multiple of data × fsdp (default: one device)",
+    )
+
+
+def _mesh(options):
+    """The mesh `--mesh` asks for, or None."""
+    if options.mesh is None:
+        return None
+    from jaxunlearn.parallel import batch_shardings, mesh_from_spec
+
+    mesh = mesh_from_spec(options.mesh)
+    batch_shardings(options.batch_size, mesh)  # a batch it cannot split, refused at once
+    return mesh
+
+
 def _tokenized(examples, tokenizer, *, max_length: int, truncate: bool):
     """Tokenizes examples as `finetune` trains on them.
 
@@ -392,7 +414,8 @@ def _finetune(options) -> int:
                 f"{', '.join(given)} describe fresh adapters; --peft-adapter brings its own "
                 "rank, alpha, targets and dropout"
             )
-    model = load(options.model)
+    mesh = _mesh(options)  # a mesh that cannot be made fails before anything loads
+    model = load(options.model, mesh=mesh)
     key = jax.random.key(options.seed)
     if options.peft_adapter:
         load_peft_adapter(model, options.peft_adapter, key=key)
@@ -453,6 +476,7 @@ def _finetune(options) -> int:
         checkpoint_dir=out / "checkpoints",
         resume=options.resume,
         progress=not options.no_progress,
+        mesh=mesh,
     )
     seconds = time.perf_counter() - start
     ledger = options.ledger or out / DEFAULT_LEDGER_NAME
@@ -499,6 +523,7 @@ def _finetune(options) -> int:
         "final_loss": history.losses[-1] if history.losses else None,
         "eval_losses": history.eval_losses,
         "seconds": seconds,
+        "mesh": None if mesh is None else dict(mesh.shape),
     }
     (out / "training.json").write_text(json.dumps(finite(summary), indent=2, allow_nan=False))
     print(json.dumps(finite(summary), indent=2, allow_nan=False))

@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxunlearn.batch import Batch
+from jaxunlearn.errors import SettingsError
 
 __all__ = [
     "DEFAULT_RULES",
     "MESH_AXES",
     "LogicalRules",
+    "batch_shardings",
     "logical_sharding",
     "logical_to_mesh",
     "make_mesh",
+    "mesh_from_spec",
+    "optimizer_state_shardings",
+    "replicated",
     "shard_model",
     "state_shardings",
 ]
@@ -63,21 +72,58 @@ def make_mesh(
         devices: The devices; by default the first `data * fsdp * tensor` of `jax.devices()`.
 
     Raises:
-        ValueError: If there are not exactly `data * fsdp * tensor` devices to use.
+        SettingsError: If there are not exactly `data * fsdp * tensor` devices to use.
     """
+    for name, count in (("data", data), ("fsdp", fsdp), ("tensor", tensor)):
+        if not isinstance(count, int) or count < 1:
+            raise SettingsError(f"Mesh axis {name} must be a positive integer, got {count!r}.")
     size = data * fsdp * tensor
     if devices is None:
         available = jax.devices()
         if len(available) < size:
-            raise ValueError(
+            raise SettingsError(
                 f"A mesh data={data} × fsdp={fsdp} × tensor={tensor} needs {size} devices; "
                 f"only {len(available)} are visible."
             )
         devices = available[:size]
     if len(devices) != size:
-        raise ValueError(f"Got {len(devices)} devices for a mesh of {size}.")
+        raise SettingsError(f"Got {len(devices)} devices for a mesh of {size}.")
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh((data, fsdp, tensor), MESH_AXES, auto, devices=devices)
+
+
+def mesh_from_spec(spec: str, /, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh a command line asks for: `"data=2,fsdp=4,tensor=1"` or `"auto"`.
+
+    Axes left out have size 1. `"auto"` puts every device on `fsdp`: the parameters (and the
+    batch) are split over all of them, which is what LoRA fine-tuning of a model too large for
+    one device needs, and on one device it is that device.
+
+    Raises:
+        SettingsError: For an unknown axis, a size that is not a positive integer, an axis
+            given twice, or a mesh of more devices than there are.
+    """
+    if spec.strip() == "auto":
+        available = jax.devices() if devices is None else list(devices)
+        return make_mesh(fsdp=len(available), devices=available)
+    sizes: dict[str, int] = {}
+    for item in spec.split(","):
+        name, equals, value = item.partition("=")
+        name = name.strip()
+        if not equals or name not in MESH_AXES:
+            raise SettingsError(
+                f"Cannot read the mesh {spec!r}: each item is AXIS=SIZE with AXIS one of "
+                f"{', '.join(MESH_AXES)} (e.g. 'data=2,fsdp=4'), or the whole is 'auto'."
+            )
+        if name in sizes:
+            raise SettingsError(f"The mesh {spec!r} gives axis {name} twice.")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise SettingsError(
+                f"The mesh {spec!r} gives axis {name} the size {value.strip()!r}, not an integer."
+            ) from None
+    return make_mesh(**sizes, devices=devices)
 
 
 def logical_to_mesh(
@@ -165,3 +211,64 @@ def shard_model(model: nnx.Module, mesh: Mesh, /, *, rules: LogicalRules = DEFAU
     state = nnx.state(model)
     nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules=rules)))
     return model
+
+
+def replicated(mesh: Mesh, /) -> NamedSharding:
+    """The sharding of a value every device holds whole (a step count, a random key)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_shardings(
+    batch_size: int,
+    mesh: Mesh,
+    /,
+    *,
+    rules: LogicalRules = DEFAULT_RULES,
+    stacked: bool = False,
+) -> Batch:
+    """A `Batch` of the shardings that split its rows over the mesh axes of `"batch"`.
+
+    A batch whose rows those axes do not divide is refused rather than replicated: every
+    device would then compute the whole batch, at several times the memory, without a word.
+
+    Args:
+        batch_size: The number of rows.
+        mesh: The mesh.
+        rules: The logical-axis rules (`"batch"` names the axes the rows are split over).
+        stacked: Whether the arrays have a leading micro-batch axis ([M, B, T] arrays, as a
+            training step with gradient accumulation takes), which is not split.
+
+    Raises:
+        SettingsError: If the batch axes' device count does not divide `batch_size`.
+    """
+    spec = logical_to_mesh(("batch",), mesh=mesh, rules=rules)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    devices = math.prod(mesh.shape[axis] for axis in axes)
+    if batch_size % devices:
+        split = " × ".join(f"{axis}={mesh.shape[axis]}" for axis in axes)
+        raise SettingsError(
+            f"A batch of {batch_size} rows cannot be split over the mesh's {split} "
+            f"({devices} devices); use a batch size that is a multiple of {devices}."
+        )
+    lead = (None,) if stacked else ()
+    rows = NamedSharding(mesh, PartitionSpec(*lead, spec))
+    tokens = NamedSharding(mesh, PartitionSpec(*lead, spec, None))
+    return Batch(input_ids=tokens, attention_mask=tokens, loss_mask=tokens, example_mask=rows)
+
+
+def optimizer_state_shardings(
+    optimizer: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh, /
+) -> Any:
+    """The shardings of `optimizer.init(params)`: every copy of the parameter tree in it (Adam's
+    moments, ...) sharded like the parameters, everything else (step counts) replicated.
+
+    Computed on abstract values: nothing is allocated.
+    """
+    abstract = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        abstract,
+        param_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+    )

@@ -27,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from jaxunlearn import parallel
 from jaxunlearn.batch import Batch, example_losses, mean_loss
 from jaxunlearn.checkpoint import Checkpointer
 from jaxunlearn.data import DataError
@@ -243,10 +245,13 @@ class TrainResult(NamedTuple):
     Attributes:
         model: The model passed in, its trainable parameters now updated in place.
         history: Losses, evaluations and throughput of the run.
+        opt_state: The optimizer state after the last step (sharded like the parameters when
+            training ran on a mesh).
     """
 
     model: nnx.Module
     history: TrainHistory
+    opt_state: optax.OptState
 
 
 def finetune(
@@ -260,6 +265,8 @@ def finetune(
     resume: bool = False,
     trainable: nnx.filterlib.Filter = nnx.LoRAParam,
     progress: bool = True,
+    mesh: Mesh | None = None,
+    rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
 ) -> TrainResult:
     """Trains the parameters selected by `trainable` to minimise the mean response-token NLL.
 
@@ -287,6 +294,11 @@ def finetune(
         trainable: An NNX filter for the parameters to train: `nnx.LoRAParam` (the adapters
             only) or `nnx.Param` (every parameter, e.g. to pre-train a small base model).
         progress: Show a tqdm progress bar with the loss and tokens per second.
+        mesh: Train on this device mesh (`parallel.make_mesh`): the model's variables are
+            moved onto it first, in place, sharded by their logical axes and `rules`; the
+            optimizer state is sharded like the parameters; the rows of every batch are split
+            over the mesh axes of `"batch"`. `None`: the default device.
+        rules: The logical-axis rules of `mesh`.
 
     Returns:
         The trained model and the history of the run.
@@ -302,7 +314,8 @@ def finetune(
     Raises:
         DataError: If `train_data` or `eval_data` holds no example.
         SettingsError: For a filter that selects no parameter, `resume` without
-            `checkpoint_dir`, or `group_by_length` without per-example lengths.
+            `checkpoint_dir`, `group_by_length` without per-example lengths, or a batch size
+            that the mesh's batch axes do not divide.
         ResumeMismatchError: If the checkpoint to resume from was made by a different config,
             training data or model.
         FileExistsError: If `checkpoint_dir` already holds checkpoints and `resume` is False.
@@ -325,12 +338,25 @@ def finetune(
         raise SettingsError(
             f"The filter trainable={trainable!r} selects no parameter of the model."
         )
+    settings = _OptimizerSettings.from_config(config)
+    placement = None
+    if mesh is not None:
+        placement = _Placement.of(params, frozen, settings, config.batch_size, mesh, rules)
+        params = jax.device_put(params, placement.params)
+        frozen = jax.device_put(frozen, placement.frozen)
+        # The model lives on the mesh from here on, whatever happens to the run.
+        nnx.update(model, params, frozen)
     # The step donates its inputs; copies keep the model's own arrays valid until the end, and
     # those are where the divergence check measures how far training moved the parameters.
     initial_params, params = params, jax.tree.map(jnp.copy, params)
-    settings = _OptimizerSettings.from_config(config)
-    opt_state = _optimizer(settings).init(params)
     rng_data = jax.random.key_data(jax.random.key(config.seed))
+    train_step, static = _jitted_train_step, {"graphdef": graphdef, "settings": settings}
+    if placement is None:
+        opt_state = _optimizer(settings).init(params)
+    else:
+        opt_state = jax.jit(_optimizer(settings).init, out_shardings=placement.opt_state)(params)
+        rng_data = jax.device_put(rng_data, placement.replicated)
+        train_step, static = placement.train_step(graphdef, settings), {}
 
     checkpointer, step, history, data_digest = None, 0, TrainHistory(), None
     if checkpoint_dir is not None:
@@ -375,14 +401,12 @@ def finetune(
                 # Compiled ahead of its first run (the call below reuses the executable), so
                 # that compilation is timed apart from training.
                 compiling = time.perf_counter()
-                _train_step.lower(*arguments, graphdef=graphdef, settings=settings).compile()
+                train_step.lower(*arguments, **static).compile()
                 compile_seconds = time.perf_counter() - compiling
                 history.compile_seconds += compile_seconds
                 tick += compile_seconds
                 compiled_shapes.add(shapes)
-            params, opt_state, metrics = _train_step(
-                *arguments, graphdef=graphdef, settings=settings
-            )
+            params, opt_state, metrics = train_step(*arguments, **static)
             metrics = {name: float(value) for name, value in metrics.items()}
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 raise TrainingDivergedError(
@@ -402,7 +426,9 @@ def finetune(
             if eval_data is not None and (
                 step % config.eval_every == 0 or step == config.num_steps
             ):
-                eval_loss = _evaluate(eval_graphdef, params, frozen, eval_data, config.batch_size)
+                eval_loss = _evaluate(
+                    eval_graphdef, params, frozen, eval_data, config.batch_size, placement
+                )
                 history.eval_steps.append(step)
                 history.eval_losses.append(eval_loss)
             if history.eval_losses:
@@ -435,7 +461,7 @@ def finetune(
 
     nnx.update(model, params)
     history.wall_seconds = time.perf_counter() - started
-    return TrainResult(model, history)
+    return TrainResult(model, history, opt_state)
 
 
 class _OptimizerSettings(NamedTuple):
@@ -480,9 +506,6 @@ def _optimizer(settings: _OptimizerSettings) -> optax.GradientTransformation:
     )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "settings"), donate_argnames=("params", "opt_state")
-)
 def _train_step(
     params: nnx.State,
     opt_state: optax.OptState,
@@ -543,6 +566,65 @@ def _train_step(
     return params, opt_state, metrics
 
 
+_jitted_train_step = jax.jit(
+    _train_step,
+    static_argnames=("graphdef", "settings"),
+    donate_argnames=("params", "opt_state"),
+)
+
+
+class _Placement(NamedTuple):
+    """Where a run on a mesh keeps each part of its state: the shardings of the trainable and
+    frozen trees, the optimizer state, the stacked micro-batches and the replicated scalars."""
+
+    params: nnx.State
+    frozen: nnx.State
+    opt_state: Any
+    batches: Batch
+    batch: Batch
+    replicated: jax.sharding.NamedSharding
+
+    @classmethod
+    def of(
+        cls,
+        params: nnx.State,
+        frozen: nnx.State,
+        settings: _OptimizerSettings,
+        batch_size: int,
+        mesh: Mesh,
+        rules: parallel.LogicalRules,
+    ) -> _Placement:
+        """Raises `SettingsError` for a batch size the mesh's batch axes do not divide."""
+        param_shardings = parallel.state_shardings(params, mesh, rules=rules)
+        return cls(
+            params=param_shardings,
+            frozen=parallel.state_shardings(frozen, mesh, rules=rules),
+            opt_state=parallel.optimizer_state_shardings(
+                _optimizer(settings), params, param_shardings, mesh
+            ),
+            batches=parallel.batch_shardings(batch_size, mesh, rules=rules, stacked=True),
+            batch=parallel.batch_shardings(batch_size, mesh, rules=rules),
+            replicated=parallel.replicated(mesh),
+        )
+
+    def train_step(self, graphdef: nnx.GraphDef, settings: _OptimizerSettings):
+        """The training step for these shardings (its static arguments bound): the state
+        stays where it is, and its buffers are donated as on one device."""
+        return jax.jit(
+            functools.partial(_train_step, graphdef=graphdef, settings=settings),
+            donate_argnums=(0, 1),
+            in_shardings=(
+                self.params,
+                self.opt_state,
+                self.frozen,
+                self.batches,
+                self.replicated,
+                self.replicated,
+            ),
+            out_shardings=(self.params, self.opt_state, self.replicated),
+        )
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _eval_sums(
     params: nnx.State, frozen: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef
@@ -559,12 +641,15 @@ def _evaluate(
     frozen: nnx.State,
     data: BatchSource,
     batch_size: int,
+    placement: _Placement | None = None,
 ) -> float:
-    """The mean loss over every example of `data`."""
+    """The mean loss over every example of `data` (rows split over the mesh with `placement`)."""
     total, count = 0.0, 0.0
     for start in range(0, len(data), batch_size):
         indices = np.arange(start, min(start + batch_size, len(data)))
         batch = _checked_batch(data.batch(indices, batch_size=batch_size), batch_size, "eval_data")
+        if placement is not None:
+            batch = jax.device_put(batch, placement.batch)
         loss_sum, real = _eval_sums(params, frozen, batch, graphdef=graphdef)
         total += float(loss_sum)
         count += float(real)

@@ -56,9 +56,13 @@ def test_finetune_writes_an_adapter_that_changes_the_model(corpus_and_model, tmp
     arguments = ["finetune", "--model", str(model_dir), "--data", str(data)]
     arguments += ["--out", str(tmp_path / "run"), "--steps", "4", "--batch-size", "4"]
     arguments += ["--targets", "all", "--rank", "2", "--learning-rate", "1e-2", "--no-progress"]
+    # On the mesh of this process's one device: the sharded path, end to end (the same run on
+    # eight devices is test_sharded_training.py's).
+    arguments += ["--mesh", "auto"]
     assert main(arguments) == 0
     summary = json.loads((tmp_path / "run" / "training.json").read_text())
     assert summary["steps"] == 4
+    assert summary["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
     assert np.isfinite(summary["final_loss"])
     tuned, metadata = load_lora(load(model_dir), tmp_path / "run" / "adapter")
     assert metadata["provenance"]["example_ids"] == [example.id for example in load_examples(data)]
@@ -75,6 +79,26 @@ def test_finetune_writes_an_adapter_that_changes_the_model(corpus_and_model, tmp
     assert not np.allclose(np.asarray(tuned(ids)), np.asarray(load(model_dir)(ids)))
     # The run is complete: resuming it trains nothing and keeps the adapter.
     assert main([*arguments, "--resume"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("mesh", "says"),
+    [
+        ("fsdp=3", "needs 3 devices; only 1 are visible"),
+        ("pipeline=2", "AXIS one of data, fsdp, tensor"),
+        ("fsdp=two", "not an integer"),
+        ("fsdp=1,fsdp=1", "axis fsdp twice"),
+        ("data=0", "positive integer"),
+    ],
+)
+def test_a_mesh_that_cannot_be_made_exits_2_in_one_line(tmp_path, capsys, mesh, says):
+    # Refused before the model or the data are read: neither exists here.
+    arguments = ["finetune", "--model", str(tmp_path / "none"), "--data", str(tmp_path / "none")]
+    assert main([*arguments, "--out", str(tmp_path / "run"), "--mesh", mesh]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert says in error
+    assert not (tmp_path / "run").exists()
 
 
 def test_finetune_defaults_are_the_demos_recipe(corpus_and_model, tmp_path, capsys):

@@ -1,7 +1,6 @@
 """Sharding rules, and a sharded forward/LoRA gradient on 8 fake CPU devices."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -9,8 +8,10 @@ import textwrap
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
+from multi_device import fake_devices_environment
 
 from jaxunlearn import parallel
+from jaxunlearn.errors import SettingsError
 
 # Runs in a fresh interpreter: the device count is fixed when jax is first imported.
 SHARDED_SCRIPT = textwrap.dedent(
@@ -95,10 +96,12 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 @pytest.mark.multi_device
 def test_sharded_forward_and_lora_gradient_equal_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env["JAX_PLATFORMS"] = "cpu"
     result = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SHARDED_SCRIPT],
+        env=fake_devices_environment(8),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -143,3 +146,14 @@ def test_rule_errors_name_the_problem():
     too_many = jax.device_count() + 1
     with pytest.raises(ValueError, match=f"needs {too_many} devices"):
         parallel.make_mesh(fsdp=too_many)
+
+
+def test_a_mesh_spec_names_its_axes_and_auto_takes_every_device():
+    assert dict(parallel.mesh_from_spec("auto").shape) == {
+        "data": 1,
+        "fsdp": jax.device_count(),
+        "tensor": 1,
+    }
+    assert dict(parallel.mesh_from_spec(" fsdp = 1 ").shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    with pytest.raises(SettingsError, match="AXIS=SIZE"):
+        parallel.mesh_from_spec("fsdp:2")

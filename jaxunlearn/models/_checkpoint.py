@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxunlearn import parallel
 from jaxunlearn.errors import UserError
 from jaxunlearn.models._families import CausalLM, Family, architecture, family_of, load_config
 
@@ -92,12 +95,22 @@ def _with_prefix(
     return located
 
 
-def _open(file: str, read):
+# safetensors' names of the float dtypes a checkpoint may store.
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+@contextlib.contextmanager
+def _opened(file: str):
     try:
         with safe_open(file, framework="numpy") as f:
-            return read(f)
+            yield f
     except SafetensorError as error:
         raise CheckpointError(f"cannot read safetensors file {file}: {error}") from None
+
+
+def _open(file: str, read):
+    with _opened(file) as f:
+        return read(f)
 
 
 def _describe(names: list[str], limit: int = 8) -> str:
@@ -106,7 +119,13 @@ def _describe(names: list[str], limit: int = 8) -> str:
 
 
 def load(
-    path: str | os.PathLike, /, *, dtype: jnp.dtype = jnp.float32, remat: bool = False
+    path: str | os.PathLike,
+    /,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    remat: bool = False,
+    mesh: Mesh | None = None,
+    rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
 ) -> CausalLM:
     """Loads a local Hugging Face checkpoint directory of a Llama, GPT-2 or OPT model.
 
@@ -120,6 +139,11 @@ def load(
         path: The checkpoint directory.
         dtype: Parameter and computation dtype; the stored tensors are cast to it.
         remat: Rematerialise each decoder layer in the backward pass.
+        mesh: Read the parameters straight onto this device mesh, sharded by their logical
+            axes and `rules`: each device's block of a tensor is read from its file alone, so
+            no process ever holds a whole tensor it does not need. `None`: whole tensors, on
+            the default device.
+        rules: The logical-axis rules of `mesh`.
 
     Returns:
         The model, without adapters.
@@ -174,21 +198,45 @@ def load(
             f"checkpoint {directory!r} does not match its config.json: " + "; ".join(problems)
         )
 
-    values: dict[tuple, np.ndarray] = {}
     for file, names in by_file.items():
 
-        def read_tensors(f, names=names):
-            return {name: f.get_tensor(files[name][1]) for name in names}
+        def read_dtypes(f, names=names):
+            return {name: f.get_slice(files[name][1]).get_dtype() for name in names}
 
-        for name, tensor in _open(file, read_tensors).items():
-            param_path, transpose, _ = expected[name]
-            if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype.name != "bfloat16":
-                raise CheckpointError(f"tensor {name!r} has non-float dtype {tensor.dtype}.")
-            values[param_path] = tensor.T if transpose else tensor
-    loaded = [
-        (p, v.replace(value=jnp.asarray(values[p], dtype=v.dtype)))
-        for p, v in nnx.to_flat_state(state)
-    ]
+        for name, stored_dtype in _open(file, read_dtypes).items():
+            if stored_dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(f"tensor {name!r} has non-float dtype {stored_dtype}.")
+
+    by_path = {param_path: name for name, (param_path, _, _) in expected.items()}
+    shardings = None if mesh is None else parallel.state_shardings(state, mesh, rules=rules)
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(_opened(file)) for file in by_file}
+
+        def read(param_path, variable, index=None):
+            """The parameter's block `index` (all of it when None), in its dtype and layout."""
+            name = by_path[param_path]
+            _, transpose, _ = expected[name]
+            file, stored = files[name]
+            if index is None:
+                block = handles[file].get_tensor(stored)
+            else:
+                # The stored layout is the transpose of ours: read the transposed block.
+                block = handles[file].get_slice(stored)[index[::-1] if transpose else index]
+            block = block.T if transpose else block
+            return np.asarray(block).astype(variable.dtype, copy=False)
+
+        loaded = []
+        flat_shardings = None if shardings is None else dict(nnx.to_flat_state(shardings))
+        for param_path, variable in nnx.to_flat_state(state):
+            if flat_shardings is None:
+                value = jnp.asarray(read(param_path, variable))
+            else:
+                value = jax.make_array_from_callback(
+                    variable.shape,
+                    flat_shardings[param_path].get_value(),
+                    lambda index, p=param_path, v=variable: read(p, v, index),
+                )
+            loaded.append((param_path, variable.replace(value=value)))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 

@@ -19,7 +19,11 @@ from jaxunlearn.models._layers import ACTIVATIONS
 # Model types whose modeling code is the Llama computation (Mistral without sliding windows is).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
-# Hugging Face fields that do not change the forward computation of a checkpoint we can run.
+# Hugging Face fields that do not change the forward computation of a checkpoint we can run:
+# how the checkpoint was made, named or meant to be used. Besides these, a field whose name
+# starts with "_" (transformers' and exporters' bookkeeping: `_name_or_path`,
+# `_attn_implementation_autoset`, ...) or ends with "_token_id" (which token is `unk`, `sep`,
+# `mask`, ...: names of tokens, not part of the logits) is metadata too; see `is_metadata`.
 IGNORED_FIELDS = frozenset(
     {
         # Bookkeeping of PreTrainedConfig.
@@ -35,15 +39,32 @@ IGNORED_FIELDS = frozenset(
         "id2label",
         "label2id",
         "problem_type",
-        "_name_or_path",
         "model_type",
         "use_cache",
         "initializer_range",
         "tokenizer_class",
+        # What a checkpoint was fine-tuned for or how pipelines should prompt it.
+        "finetuning_task",
+        "prefix",
+        "task_specific_params",
+        "keys_to_ignore_at_inference",
+        # Export switches of older transformers versions.
+        "torchscript",
+        "tf_legacy_loss",
+        "use_bfloat16",
         # transformers 5 no longer reads it: the slicing it selected computed the same product.
         "pretraining_tp",
     }
 )
+
+# Fields that change the computation in a way no family here implements, with what to do
+# instead: refused by name even though `check_fields` would refuse them as unknown.
+REFUSED_FIELDS = {
+    "quantization_config": (
+        "a quantized checkpoint is not supported; load its float (or bfloat16) weights instead"
+    ),
+    "pruned_heads": "a checkpoint with pruned attention heads is not supported",
+}
 
 _ROPE_KEYS = {
     "default": frozenset({"rope_type", "rope_theta"}),
@@ -417,17 +438,31 @@ def read_hf_config(path: str | os.PathLike, /) -> transformers.PretrainedConfig:
     return transformers.AutoConfig.from_pretrained(os.fspath(path), local_files_only=True)
 
 
+def is_metadata(name: str, /) -> bool:
+    """Whether a config field describes the checkpoint without changing what it computes."""
+    return name in IGNORED_FIELDS or name.startswith("_") or name.endswith("_token_id")
+
+
 def check_fields(fields: dict[str, Any], used: set[str], *, family: str) -> None:
-    """Rejects a config holding a field that is neither used nor known not to matter.
+    """Rejects a config holding a field that is neither used nor metadata (`is_metadata`).
+
+    A field of `REFUSED_FIELDS` is refused with its reason, unless it holds an empty value
+    (`pruned_heads: {}`, as older versions wrote by default).
 
     Raises:
-        UnsupportedConfigError: Naming the first unknown field.
+        UnsupportedConfigError: Naming the refused field, or the first unknown one.
     """
-    unknown = sorted(set(fields) - used - IGNORED_FIELDS)
+    for name, reason in REFUSED_FIELDS.items():
+        if fields.get(name):
+            raise UnsupportedConfigError(f"config field {name!r} is set: {reason}.")
+    unknown = sorted(
+        name for name in set(fields) - used if not is_metadata(name) and name not in REFUSED_FIELDS
+    )
     if unknown:
         raise UnsupportedConfigError(
             f"config field {unknown[0]!r} is not supported by the jaxunlearn {family} "
-            f"(all unknown fields: {unknown})."
+            f"(all unknown fields: {unknown}); only fields that change nothing of the "
+            "computation (metadata) are accepted unread."
         )
 
 

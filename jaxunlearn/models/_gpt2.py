@@ -32,15 +32,14 @@ from jaxunlearn.models._layers import (
 # output and the MLP output projection, and PEFT's suffix matching adapts both.
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 
-# GPT-2 config fields that configure other heads (`GPT2DoubleHeadsModel`'s summary) or tools
-# (generation presets), or repeat another field (`n_ctx` is `n_positions`): not the LM.
+# GPT-2 config fields that configure other heads (`GPT2DoubleHeadsModel`'s summary) or repeat
+# another field (`n_ctx` is `n_positions`): not the LM.
 _IGNORED_FIELDS = {
     "summary_type",
     "summary_use_proj",
     "summary_activation",
     "summary_proj_to_labels",
     "summary_first_dropout",
-    "task_specific_params",
     "n_ctx",
 }
 

@@ -57,9 +57,8 @@ _HF_NAMES = {
     "pad_token_id": "pad_token_id",
 }
 
-# Fields of published OPT configs that only training (dropout) or text pipelines (a prompt
-# prefix) read.
-_IGNORED_FIELDS = {"init_std", "activation_dropout", "prefix"}
+# Fields of published OPT configs that only training reads (initialization, dropout).
+_IGNORED_FIELDS = {"init_std", "activation_dropout"}
 
 
 @dataclasses.dataclass(frozen=True)

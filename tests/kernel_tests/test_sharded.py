@@ -3,12 +3,12 @@
 XLA's device count is fixed when jax is first imported, so the check runs in a subprocess.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from multi_device import fake_devices_environment
 
 pytestmark = pytest.mark.multi_device
 
@@ -78,10 +78,12 @@ SCRIPT = textwrap.dedent(
 
 
 def test_sharded_hvp_and_cg_match_single_device():
-    environment = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    environment["JAX_PLATFORMS"] = "cpu"
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=environment, timeout=300
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        env=fake_devices_environment(8),
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "SHARDED_OK" in result.stdout

@@ -22,7 +22,16 @@ TINY = dict(
 REFERENCE_CONFIGS = {
     "mha": dict(num_key_value_heads=4),
     "gqa": dict(num_key_value_heads=2),
-    "tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    # Tied embeddings and grouped-query attention, with the metadata fields that published
+    # checkpoints carry and that `save_pretrained` writes back: they must load unread.
+    "tied": dict(
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        unk_token_id=0,
+        _model_name_or_path="an-org/tiny-llama",
+        _attn_implementation_autoset=True,
+        finetuning_task=None,
+    ),
     "rope_theta": dict(
         num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 500.0}
     ),

@@ -1,6 +1,7 @@
 """Saving and loading Hugging Face checkpoint directories, and their error messages."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import transformers
 from model_references import TINY, assert_same_parameters, make_reference
+from multi_device import run_report
 from safetensors.numpy import load_file, save_file
 
 from jaxunlearn.errors import SettingsError, UserError
@@ -76,6 +78,23 @@ def test_transformers_reads_what_save_writes(tmp_path):
     with torch.no_grad():
         expected = reference(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(np.asarray(model(ids)), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.multi_device
+def test_a_checkpoint_loaded_onto_a_mesh_equals_the_one_loaded_whole():
+    report = run_report(os.path.join(os.path.dirname(__file__), "sharded_load.py"), "4", "2")
+    print(report)
+    for family in ("llama", "gpt2"):
+        for dtype in ("float32", "bfloat16"):
+            loaded = report[f"{family}_{dtype}"]
+            assert loaded["max_abs_difference"] == 0.0
+            assert loaded["dtypes"] == [dtype]
+            assert loaded["devices"] == [8]
+            # Each device holds its share and no more: every matrix is split (an eighth, or a
+            # half or quarter where an axis has no rule), only norms and biases are whole.
+            held, expected = loaded["share"]
+            assert held == pytest.approx(expected)
+            assert expected < 0.25
 
 
 def test_save_refuses_a_model_with_lora(tmp_path):
@@ -196,6 +215,32 @@ def test_config_fields_are_read_through_transformers():
 def test_unsupported_config_fields_are_named(changes, field):
     with pytest.raises(UnsupportedConfigError, match=field):
         ModelConfig.from_hf(hf_config(**changes))
+
+
+def test_metadata_fields_are_accepted_unread():
+    metadata = dict(
+        unk_token_id=0,
+        sep_token_id=3,
+        _model_name_or_path="an-org/a-model",
+        _attn_implementation_autoset=True,
+        finetuning_task=None,
+        prefix=None,
+        task_specific_params=None,
+        pruned_heads={},
+    )
+    assert ModelConfig.from_hf(hf_config(**metadata)) == ModelConfig.from_hf(hf_config())
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("quantization_config", {"quant_method": "bitsandbytes", "load_in_4bit": True}, "float"),
+        ("pruned_heads", {"0": [1]}, "pruned"),
+    ],
+)
+def test_fields_that_change_the_computation_are_refused_by_name(field, value, says):
+    with pytest.raises(UnsupportedConfigError, match=f"'{field}'.*{says}"):
+        ModelConfig.from_hf(hf_config(**{field: value}))
 
 
 def test_unsupported_model_type_and_sliding_window_are_named():

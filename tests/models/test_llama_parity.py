@@ -1,5 +1,7 @@
 """The Flax Llama computes what transformers' PyTorch LlamaForCausalLM computes."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from lora_references import (
     next_token_loss,
     torch_loss_and_gradients,
 )
-from model_references import make_reference, padded_batch, positions_from_mask
+from model_references import REFERENCE_CONFIGS, make_reference, padded_batch, positions_from_mask
 
 from jaxunlearn.models import load
 
@@ -32,6 +34,8 @@ def reference_logits(reference, ids, mask):
 
 def test_logits_match_transformers_with_left_and_right_padding(reference_checkpoint):
     name, directory, reference = reference_checkpoint
+    # Every field the reference was made with, metadata included, is in what `load` reads.
+    assert set(REFERENCE_CONFIGS[name]) <= set(json.loads((directory / "config.json").read_text()))
     model = load(directory)
     ids, mask = padded_batch()
     logits = np.asarray(jax.jit(lambda m, i, a: m(i, a))(model, ids, mask))

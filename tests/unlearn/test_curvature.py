@@ -63,8 +63,10 @@ def test_fixed_curvature_equals_dense_matrix(seed, kind):
     model, data, graphdef, lora, base = _setup(seed)
     dense = DenseObjective(model, data)
     reference = dense.hessian() if kind == "hessian" else dense.gauss_newton()
-    batches = _batches(data, np.arange(len(data)), batch_size=3)
+    # Two batches (each a compiled linearization): two buckets, and padding rows in the second.
+    batches = _batches(data, np.arange(len(data)), batch_size=4)
     assert len({b.input_ids.shape[1] for b in batches}) > 1, "the batches should span buckets"
+    assert not all(np.asarray(batches[-1].example_mask))
     matvec = curvature.fixed_curvature(graphdef, lora, base, batches, kind=kind)
     matrix = _operator_matrix(matvec, dense)
     scale = np.abs(reference).max()

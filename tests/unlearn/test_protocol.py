@@ -389,8 +389,19 @@ def _subprocess_environment(lineage):
     }
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(trained, tmp_path_factory):
+    """The LoRA leaves of the first id's removal run without interruption on a fresh copy."""
+    clean = {**trained, "dir": tmp_path_factory.mktemp("uninterrupted")}
+    shutil.copytree(trained["root"] / "run", clean["dir"] / "run")
+    clean["adapter"] = clean["dir"] / "run" / "adapter"
+    clean["ledger"] = os.fspath(clean["dir"] / "run" / "unlearn-ledger.jsonl")
+    apply(clean, Removal([trained["ids"][0]]), "u1")
+    return lora_of(clean["dir"] / "u1", clean)
+
+
 @pytest.mark.parametrize("kill_at", ["staged", "intent", "renamed", "committed"])
-def test_a_kill_at_any_step_recovers_to_the_uninterrupted_state(lineage, kill_at, tmp_path):
+def test_a_kill_at_any_step_recovers_to_the_uninterrupted_state(lineage, kill_at, uninterrupted):
     forget = ["--forget", lineage["ids"][0]]
     killed = _run_cli(lineage, "u1", kill_at=kill_at, extra=forget)
     assert killed.returncode == -9, killed.stderr
@@ -404,15 +415,7 @@ def test_a_kill_at_any_step_recovers_to_the_uninterrupted_state(lineage, kill_at
     assert not [p for p in lineage["dir"].iterdir() if ".staging-" in p.name]
     assert provenance_of(lineage["dir"] / "u1")["example_ids"] == lineage["ids"][1:]
     # The same adapter as a run that was never interrupted.
-    clean = {**lineage, "dir": tmp_path / "clean"}
-    shutil.copytree(lineage["root"] / "run", clean["dir"] / "run")
-    clean["adapter"] = clean["dir"] / "run" / "adapter"
-    clean["ledger"] = os.fspath(clean["dir"] / "run" / "unlearn-ledger.jsonl")
-    apply(clean, Removal([lineage["ids"][0]]), "u1")
-    recovered, uninterrupted = (
-        lora_of(lineage["dir"] / "u1", lineage),
-        lora_of(clean["dir"] / "u1", lineage),
-    )
+    recovered = lora_of(lineage["dir"] / "u1", lineage)
     assert all(np.array_equal(a, b) for a, b in zip(recovered, uninterrupted, strict=True))
 
 
