@@ -178,12 +178,14 @@ def load(
     for name in expected.keys() & files.keys():
         by_file.setdefault(files[name][0], []).append(name)
 
-    def read_shapes(f):
-        return {name: tuple(f.get_slice(files[name][1]).get_shape()) for name in by_file[file]}
+    def read_headers(f):
+        slices = {name: f.get_slice(files[name][1]) for name in by_file[file]}
+        return {name: (tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()}
 
-    wrong_shapes = []
+    wrong_shapes, stored_dtypes = [], {}
     for file in by_file:
-        for name, shape in _open(file, read_shapes).items():
+        for name, (shape, stored_dtype) in _open(file, read_headers).items():
+            stored_dtypes[name] = stored_dtype
             if shape != expected[name][2]:
                 wrong_shapes.append(f"{name} has shape {shape}, expected {expected[name][2]}")
     problems = []
@@ -198,14 +200,9 @@ def load(
             f"checkpoint {directory!r} does not match its config.json: " + "; ".join(problems)
         )
 
-    for file, names in by_file.items():
-
-        def read_dtypes(f, names=names):
-            return {name: f.get_slice(files[name][1]).get_dtype() for name in names}
-
-        for name, stored_dtype in _open(file, read_dtypes).items():
-            if stored_dtype not in _FLOAT_DTYPES:
-                raise CheckpointError(f"tensor {name!r} has non-float dtype {stored_dtype}.")
+    for name, stored_dtype in stored_dtypes.items():
+        if stored_dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has non-float dtype {stored_dtype}.")
 
     by_path = {param_path: name for name, (param_path, _, _) in expected.items()}
     shardings = None if mesh is None else parallel.state_shardings(state, mesh, rules=rules)
