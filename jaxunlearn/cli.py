@@ -279,6 +279,7 @@ def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
         f"{chosen.description} (jaxunlearn.unlearn.{chosen.settings_type.__name__})",
     )
     add_settings_flags(flags, chosen.settings_type)
+    _add_mesh_argument(unlearn, batch="the curvature --batch-size")
     unlearn.add_argument(
         "--json", action="store_true", help="print a JSON summary to stdout (messages to stderr)"
     )
@@ -332,24 +333,26 @@ def _columns(options) -> dict[str, str]:
     )
 
 
-def _add_mesh_argument(parser: argparse.ArgumentParser) -> None:
+def _add_mesh_argument(parser: argparse.ArgumentParser, *, batch: str = "the batch size") -> None:
     parser.add_argument(
         "--mesh",
         metavar="SPEC",
         help="run on a device mesh: AXIS=SIZE items over data, fsdp and tensor (e.g. "
-        "'data=2,fsdp=4'; axes left out are 1), or 'auto' for every device on fsdp; the "
-        "batch size must be a multiple of data × fsdp (default: one device)",
+        "'data=2,fsdp=4'; axes left out are 1), or 'auto' for every device on fsdp; "
+        f"{batch} must be a multiple of data × fsdp (default: one device)",
     )
 
 
-def _mesh(options):
-    """The mesh `--mesh` asks for, or None."""
+def _mesh(options, *, batch_size: int | None = None):
+    """The mesh `--mesh` asks for, or None; a `batch_size` it cannot split is refused here,
+    before anything loads."""
     if options.mesh is None:
         return None
     from jaxunlearn.parallel import batch_shardings, mesh_from_spec
 
     mesh = mesh_from_spec(options.mesh)
-    batch_shardings(options.batch_size, mesh)  # a batch it cannot split, refused at once
+    if batch_size is not None:
+        batch_shardings(batch_size, mesh)
     return mesh
 
 
@@ -414,7 +417,8 @@ def _finetune(options) -> int:
                 f"{', '.join(given)} describe fresh adapters; --peft-adapter brings its own "
                 "rank, alpha, targets and dropout"
             )
-    mesh = _mesh(options)  # a mesh that cannot be made fails before anything loads
+    # A mesh that cannot be made, or cannot split the batch, fails before anything loads.
+    mesh = _mesh(options, batch_size=options.batch_size)
     model = load(options.model, mesh=mesh)
     key = jax.random.key(options.seed)
     if options.peft_adapter:
@@ -531,9 +535,11 @@ def _finetune(options) -> int:
 
 
 def _unlearn(options) -> int:
+    from jaxunlearn.parallel import Placement
     from jaxunlearn.unlearn import Sources, apply_request, get_method
 
     method = get_method(options.method)
+    placement = Placement(_mesh(options))
     outcome = apply_request(
         _request(options),
         adapter=options.adapter or options.peft_adapter,
@@ -555,6 +561,7 @@ def _unlearn(options) -> int:
         allow_edited_removal=options.allow_edited_removal,
         skip_checks=options.skip_check,
         purge_stale=options.purge,
+        placement=placement,
     )
     report = sys.stderr if options.json else sys.stdout
     for note in outcome.notes:

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 import kernels
+from jaxunlearn import parallel
 from jaxunlearn.batch import Batch, mean_loss
 from jaxunlearn.models import split_lora
 
@@ -50,6 +51,7 @@ __all__ = [
     "jitted_lissa",
     "objective",
     "objective_gradient",
+    "real_examples",
     "split_for_curvature",
     "stochastic_curvature",
     "warm_up_gradient",
@@ -139,7 +141,7 @@ def objective_gradient(
     for batch in batches:
         gradient = _summed_gradient(lora, base, batch, graphdef=graphdef)
         total = gradient if total is None else kernels.tree_add_scaled(total, 1.0, gradient)
-        count += int(np.sum(batch.example_mask))
+        count += real_examples(batch)
     if total is None or count == 0:
         raise ValueError("objective_gradient needs at least one real example.")
     return kernels.tree_scale(1.0 / count, total) if reduction == "mean" else total
@@ -152,8 +154,23 @@ def warm_up_gradient(graphdef: nnx.GraphDef, lora: Tree, base: Tree, batches: Se
     for batch in batches:
         shapes.setdefault(np.shape(batch.input_ids), batch)
     for batch in shapes.values():
-        padding = batch._replace(example_mask=np.zeros_like(np.asarray(batch.example_mask)))
+        padding = batch._replace(example_mask=_zeros_like(batch.example_mask))
         jax.block_until_ready(_summed_gradient(lora, base, padding, graphdef=graphdef))
+
+
+def real_examples(batch: Batch, /) -> int:
+    """The number of real (not padding) rows of a batch, on the host or on a mesh (a sum on
+    the devices: a batch split over several processes cannot be read whole by one)."""
+    mask = batch.example_mask
+    if isinstance(mask, jax.Array):
+        return int(jnp.sum(mask.astype(jnp.int32)))
+    return int(np.sum(mask))
+
+
+def _zeros_like(mask):
+    if isinstance(mask, jax.Array):
+        return jax.jit(jnp.zeros_like, out_shardings=mask.sharding)(mask)
+    return np.zeros_like(mask)
 
 
 def _check_kind(kind: str) -> None:
@@ -189,7 +206,7 @@ def fixed_curvature(
     """
     _check_kind(kind)
     batches = list(batches)
-    counts = [int(np.sum(batch.example_mask)) for batch in batches]
+    counts = [real_examples(batch) for batch in batches]
     total = sum(counts)
     if total == 0:
         raise ValueError("fixed_curvature needs at least one real example in its sample.")
@@ -230,6 +247,7 @@ def stochastic_curvature(
     *,
     batch_size: int,
     kind: CurvatureKind = "hessian",
+    batch_sharding: Batch | None = None,
 ) -> Callable[[Tree, jax.Array], Tree]:
     """`(v, key) ↦ C_B v` with B a fresh mini-batch drawn without replacement from `pool`.
 
@@ -243,6 +261,10 @@ def stochastic_curvature(
             are never drawn).
         batch_size: |B|.
         kind: `"hessian"` or `"gauss_newton"`.
+        batch_sharding: On a mesh, the shardings of a drawn mini-batch (a `Batch` of them,
+            `parallel.Placement.row_sharding`): its rows are split over the batch axes as
+            soon as they are drawn, whatever the pool's own placement (place the pool with
+            `parallel.Placement.replicate`).
     """
     _check_kind(kind)
     real = np.flatnonzero(np.asarray(pool.example_mask))
@@ -251,9 +273,14 @@ def stochastic_curvature(
             f"batch_size must be between 1 and the {len(real)} examples of the pool, "
             f"got {batch_size}."
         )
-    pool = Batch(*(jnp.asarray(np.asarray(field)[real]) for field in pool))
+    pool = Batch(*(np.asarray(field)[real] for field in pool))
+    if batch_sharding is None:
+        pool = Batch(*(jnp.asarray(field) for field in pool))
+    else:
+        pool = parallel.put(pool, parallel.replicated(batch_sharding.input_ids.mesh))
+    product = _stochastic_product(graphdef, batch_size, kind, batch_sharding)
     # A pytree of (lora, base, pool), for the same reason as `fixed_curvature`'s operator.
-    return jax.tree_util.Partial(_stochastic_product(graphdef, batch_size, kind), lora, base, pool)
+    return jax.tree_util.Partial(product, lora, base, pool)
 
 
 @functools.cache
@@ -278,14 +305,19 @@ def batch_product(graphdef: nnx.GraphDef, kind: CurvatureKind) -> Callable[..., 
 
 
 @functools.cache
-def _stochastic_product(graphdef: nnx.GraphDef, batch_size: int, kind: str):
+def _stochastic_product(
+    graphdef: nnx.GraphDef, batch_size: int, kind: str, batch_sharding: Batch | None
+):
     # One function object per static setting, so jitted solvers taking the operator as an
     # argument compile once per setting.
     on_batch = batch_product(graphdef, kind)
 
     def product(lora: Tree, base: Tree, pool: Batch, v: Tree, key: jax.Array) -> Tree:
         rows = jax.random.choice(key, pool.input_ids.shape[0], (batch_size,), replace=False)
-        return on_batch(lora, base, Batch(*(field[rows] for field in pool)), v)
+        batch = Batch(*(field[rows] for field in pool))
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        return on_batch(lora, base, batch, v)
 
     return product
 

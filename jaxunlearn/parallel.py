@@ -8,13 +8,16 @@ changing the rules, never the model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxunlearn.batch import Batch
@@ -23,13 +26,17 @@ from jaxunlearn.errors import SettingsError
 __all__ = [
     "DEFAULT_RULES",
     "MESH_AXES",
+    "ONE_DEVICE",
     "LogicalRules",
+    "Placement",
     "batch_shardings",
+    "host_array",
     "logical_sharding",
     "logical_to_mesh",
     "make_mesh",
     "mesh_from_spec",
     "optimizer_state_shardings",
+    "put",
     "replicated",
     "shard_model",
     "state_shardings",
@@ -209,7 +216,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, /, *, rules: LogicalRules = DE
 def shard_model(model: nnx.Module, mesh: Mesh, /, *, rules: LogicalRules = DEFAULT_RULES):
     """Moves every variable of `model` onto `mesh` following `rules`, in place; returns `model`."""
     state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules=rules)))
+    nnx.update(model, put(state, state_shardings(state, mesh, rules=rules)))
     return model
 
 
@@ -272,3 +279,119 @@ def optimizer_state_shardings(
         param_shardings,
         transform_non_params=lambda _: replicated(mesh),
     )
+
+
+def host_array(value: Any, /) -> np.ndarray:
+    """The whole of an array as a NumPy array on this host, also an array split over the
+    devices of several processes: then its blocks are gathered, and every process must call
+    this together (as it calls every collective)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(jax.device_get(value))
+
+
+def put(value: Any, sharding: jax.sharding.Sharding, /) -> Any:
+    """`value` (a tree of host or device arrays) placed with `sharding` (one, or a tree).
+
+    Host (NumPy) arrays are assembled with `jax.make_array_from_callback`, so each device
+    receives only its own block and, with several processes, each process builds only the
+    blocks of its devices from the same host value: a plain `jax.device_put` of a host array
+    cannot target devices of another process.
+    """
+
+    def place(leaf, target):
+        if isinstance(leaf, jax.Array) and (
+            target.is_fully_addressable or not leaf.is_fully_addressable
+        ):
+            return jax.device_put(leaf, target)
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            # Typed keys have no host form: their key data moves, and is wrapped again.
+            data = place(jax.random.key_data(leaf), target)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        # A host array, or one on this process's devices only (built before the mesh).
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda leaf: place(leaf, sharding), value)
+    return jax.tree.map(place, value, sharding)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a computation keeps its arrays: on the default device (`mesh` None), or on a mesh
+    with the parameters split by `rules` and every batch's rows split over the batch axes.
+
+    One object carried through a request (its model, batches and curvature sample), so that
+    nothing in it is placed by accident: a host batch fed to a jitted function beside
+    parameters on a mesh would be copied whole to every device.
+
+    Attributes:
+        mesh: The mesh, or None for one device.
+        rules: The logical-axis rules.
+    """
+
+    mesh: Mesh | None = None
+    rules: LogicalRules = DEFAULT_RULES
+
+    @property
+    def batch_devices(self) -> int:
+        """How many devices a batch's rows are split over (1 without a mesh)."""
+        if self.mesh is None:
+            return 1
+        spec = logical_to_mesh(("batch",), mesh=self.mesh, rules=self.rules)[0]
+        axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+        return math.prod(self.mesh.shape[axis] for axis in axes)
+
+    def check_batch_size(self, batch_size: int, /, *, what: str = "batch size") -> None:
+        """Raises `SettingsError` naming `what` if the batch axes do not divide `batch_size`."""
+        devices = self.batch_devices
+        if batch_size % devices:
+            raise SettingsError(
+                f"The {what} {batch_size} cannot be split over the mesh's {devices} batch "
+                f"devices ({self.describe()}); use a multiple of {devices}."
+            )
+
+    def round_batch_size(self, batch_size: int, /) -> int:
+        """The smallest multiple of the batch devices at least `batch_size`."""
+        devices = self.batch_devices
+        return -(-batch_size // devices) * devices
+
+    def batch(self, batch: Batch, /) -> Batch:
+        """`batch` with its rows split over the batch axes (unchanged without a mesh).
+
+        Raises:
+            SettingsError: If the batch axes do not divide its rows.
+        """
+        if self.mesh is None:
+            return batch
+        rows = int(np.shape(batch.input_ids)[0])
+        return put(batch, batch_shardings(rows, self.mesh, rules=self.rules))
+
+    def batches(self, batches: Sequence[Batch], /) -> list[Batch]:
+        """Every batch placed by `batch`."""
+        return [self.batch(batch) for batch in batches]
+
+    def replicate(self, value: Any, /) -> Any:
+        """`value` held whole by every device of the mesh (unchanged without a mesh)."""
+        return value if self.mesh is None else put(value, replicated(self.mesh))
+
+    def model(self, model: nnx.Module, /) -> nnx.Module:
+        """Moves `model`'s variables onto the mesh by their logical axes, in place."""
+        return model if self.mesh is None else shard_model(model, self.mesh, rules=self.rules)
+
+    def row_sharding(self, batch_size: int, /) -> Batch | None:
+        """The shardings of a `Batch` of `batch_size` rows (None without a mesh)."""
+        if self.mesh is None:
+            return None
+        return batch_shardings(batch_size, self.mesh, rules=self.rules)
+
+    def describe(self) -> str:
+        """E.g. "data=1 × fsdp=4 × tensor=2", or "one device"."""
+        if self.mesh is None:
+            return "one device"
+        return " × ".join(f"{axis}={size}" for axis, size in self.mesh.shape.items())
+
+
+# The placement of everything on the default device: what every `placement=` defaults to.
+ONE_DEVICE = Placement()

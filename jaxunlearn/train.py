@@ -342,8 +342,8 @@ def finetune(
     placement = None
     if mesh is not None:
         placement = _Placement.of(params, frozen, settings, config.batch_size, mesh, rules)
-        params = jax.device_put(params, placement.params)
-        frozen = jax.device_put(frozen, placement.frozen)
+        params = parallel.put(params, placement.params)
+        frozen = parallel.put(frozen, placement.frozen)
         # The model lives on the mesh from here on, whatever happens to the run.
         nnx.update(model, params, frozen)
     # The step donates its inputs; copies keep the model's own arrays valid until the end, and
@@ -355,7 +355,7 @@ def finetune(
         opt_state = _optimizer(settings).init(params)
     else:
         opt_state = jax.jit(_optimizer(settings).init, out_shardings=placement.opt_state)(params)
-        rng_data = jax.device_put(rng_data, placement.replicated)
+        rng_data = parallel.put(rng_data, placement.replicated)
         train_step, static = placement.train_step(graphdef, settings), {}
 
     checkpointer, step, history, data_digest = None, 0, TrainHistory(), None
@@ -395,6 +395,9 @@ def finetune(
         tick = time.perf_counter()
         while step < config.num_steps:
             batches, tokens = _step_batches(train_data, order.indices(step), config)
+            if placement is not None:
+                # Each process builds only its own devices' rows (see `parallel.put`).
+                batches = parallel.put(batches, placement.batches)
             arguments = (params, opt_state, frozen, batches, rng_data, jnp.asarray(step, jnp.int32))
             shapes = tuple(np.shape(leaf) for leaf in jax.tree.leaves(batches))
             if shapes not in compiled_shapes:
@@ -649,7 +652,7 @@ def _evaluate(
         indices = np.arange(start, min(start + batch_size, len(data)))
         batch = _checked_batch(data.batch(indices, batch_size=batch_size), batch_size, "eval_data")
         if placement is not None:
-            batch = jax.device_put(batch, placement.batch)
+            batch = parallel.put(batch, placement.batch)
         loss_sum, real = _eval_sums(params, frozen, batch, graphdef=graphdef)
         total += float(loss_sum)
         count += float(real)

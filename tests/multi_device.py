@@ -56,3 +56,49 @@ def device_shares(state, mesh) -> tuple[float, float]:
         axes = [axis for entry in leaf.sharding.spec if entry for axis in np.atleast_1d(entry)]
         expected += leaf.size / np.prod([mesh.shape[axis] for axis in axes])
     return max(held.values()) / total, expected / total
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def run_processes(
+    script: str, *arguments: str, processes: int = 2, devices: int = 4, timeout: float = 600
+) -> None:
+    """Runs `script PROCESS COORDINATOR *arguments` as `processes` processes of `devices` fake
+    devices each, joined by `jax.distributed.initialize` at COORDINATOR (JAX's CPU
+    collectives), as the hosts of a pod run one program.
+
+    Raises:
+        AssertionError: With the end of its standard error, if any process fails.
+    """
+    coordinator = f"localhost:{free_port()}"
+    environment = fake_devices_environment(devices)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        (os.path.dirname(os.path.abspath(script)), environment["PYTHONPATH"])
+    )
+    running = [
+        subprocess.Popen(
+            [sys.executable, script, str(index), coordinator, *arguments],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(processes)
+    ]
+    failures = []
+    for index, process in enumerate(running):
+        try:
+            _, errors = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in running:
+                other.kill()
+            raise
+        if process.returncode != 0:
+            failures.append(f"process {index} exited {process.returncode}:\n{errors[-3000:]}")
+    assert not failures, "\n".join(failures)

@@ -101,6 +101,17 @@ def test_a_mesh_that_cannot_be_made_exits_2_in_one_line(tmp_path, capsys, mesh, 
     assert not (tmp_path / "run").exists()
 
 
+def test_unlearn_refuses_a_mesh_it_cannot_make_before_reading_anything(tmp_path, capsys):
+    missing = str(tmp_path / "none")
+    arguments = ["unlearn", "--model", missing, "--adapter", missing, "--data", missing]
+    arguments += ["--forget", "a", "--out", str(tmp_path / "out"), "--mesh", "fsdp=3"]
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert "needs 3 devices" in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_finetune_defaults_are_the_demos_recipe(corpus_and_model, tmp_path, capsys):
     root, model_dir = corpus_and_model
     data = root / "corpus" / "train.jsonl"

@@ -157,3 +157,35 @@ def test_a_mesh_spec_names_its_axes_and_auto_takes_every_device():
     assert dict(parallel.mesh_from_spec(" fsdp = 1 ").shape) == {"data": 1, "fsdp": 1, "tensor": 1}
     with pytest.raises(SettingsError, match="AXIS=SIZE"):
         parallel.mesh_from_spec("fsdp:2")
+
+
+def test_a_placement_splits_batches_on_its_mesh_and_leaves_them_alone_without_one():
+    import numpy as np
+
+    from jaxunlearn.batch import Batch
+
+    rows = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
+    batch = Batch(rows, np.ones_like(rows), np.ones((8, 3), np.float32), np.ones(8, bool))
+    assert parallel.ONE_DEVICE.batch(batch) is batch
+    assert parallel.ONE_DEVICE.batch_devices == 1
+    assert parallel.ONE_DEVICE.row_sharding(8) is None
+    assert parallel.ONE_DEVICE.describe() == "one device"
+    # This process's one device as a mesh: the batch becomes device arrays on it, intact.
+    placement = parallel.Placement(parallel.make_mesh())
+    placed = placement.batch(batch)
+    assert isinstance(placed.input_ids, jax.Array)
+    assert placed.input_ids.sharding == placement.row_sharding(8).input_ids
+    np.testing.assert_array_equal(np.asarray(placed.input_ids), rows)
+    assert placement.describe() == "data=1 × fsdp=1 × tensor=1"
+
+
+def test_a_placement_counts_the_batch_devices_and_refuses_what_they_cannot_split():
+    from jax.sharding import AbstractMesh
+
+    placement = parallel.Placement(AbstractMesh((2, 4, 2), parallel.MESH_AXES))
+    assert placement.batch_devices == 8  # data × fsdp; tensor does not split the batch
+    assert placement.round_batch_size(8) == 8
+    assert placement.round_batch_size(9) == 16
+    placement.check_batch_size(16)
+    with pytest.raises(SettingsError, match=r"held batch 12 .* 8 batch devices .* multiple of 8"):
+        placement.check_batch_size(12, what="held batch")

@@ -23,6 +23,7 @@ from jaxunlearn.adapter import (
     save_lora,
 )
 from jaxunlearn.models import load, load_peft_adapter, save_peft_adapter
+from jaxunlearn.parallel import ONE_DEVICE, Placement
 from jaxunlearn.unlearn._lineage import (
     PEFT_PROVENANCE_FILE,
     Provenance,
@@ -62,14 +63,25 @@ def adapter_format(path: str | os.PathLike, /) -> str:
     return "peft" if (pathlib.Path(path) / "adapter_config.json").exists() else "jaxunlearn"
 
 
-def open_adapter(path: str | os.PathLike, base_model: str | os.PathLike, /) -> OpenAdapter:
-    """Loads the base checkpoint and attaches the adapter at `path` (either format)."""
+def open_adapter(
+    path: str | os.PathLike,
+    base_model: str | os.PathLike,
+    /,
+    *,
+    placement: Placement = ONE_DEVICE,
+) -> OpenAdapter:
+    """Loads the base checkpoint and attaches the adapter at `path` (either format).
+
+    On a mesh (`placement`), each device reads its own block of the base weights, and the
+    adapter is moved onto the mesh once attached.
+    """
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"No adapter folder {path!r}.")
-    model = load(base_model)
+    model = load(base_model, mesh=placement.mesh, rules=placement.rules)
     if adapter_format(path) == "peft":
         load_peft_adapter(model, path)
+        placement.model(model)
         try:
             settings = lora_settings_of(model)
         except ValueError:
@@ -85,6 +97,7 @@ def open_adapter(path: str | os.PathLike, base_model: str | os.PathLike, /) -> O
             peft_base_model=config.get("base_model_name_or_path"),
         )
     _, metadata = load_lora(model, path)
+    placement.model(model)
     settings, _ = read_lora_settings(path)
     return OpenAdapter(
         path, "jaxunlearn", model, metadata, read_provenance(metadata, where=path), settings

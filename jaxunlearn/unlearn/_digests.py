@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jaxunlearn.data import Example
+from jaxunlearn.parallel import host_array
 
 __all__ = ["examples_digest", "file_sha256", "tree_digest"]
 
@@ -23,7 +24,7 @@ def tree_digest(tree, /) -> str:
     """SHA-256 of a pytree's arrays: each leaf's path, dtype, shape and bytes, in leaf order."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        array = np.asarray(jax.device_get(leaf))
+        array = host_array(leaf)
         digest.update(jax.tree_util.keystr(path).encode())
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())

@@ -17,6 +17,7 @@ from typing import Any
 
 from jaxunlearn.data import json_line
 from jaxunlearn.errors import UserError
+from jaxunlearn.parallel import ONE_DEVICE, Placement
 from jaxunlearn.unlearn._adapter_files import OpenAdapter, open_adapter, save_adapter_files
 from jaxunlearn.unlearn._ledger import Ledger, Record
 from jaxunlearn.unlearn._lineage import (
@@ -241,7 +242,9 @@ def known_adapters(records: Sequence[Record]) -> dict[str, Record]:
     return known
 
 
-def lineage_head(opened, digest, records, sources, branch, notes) -> tuple[OpenAdapter, str]:
+def lineage_head(
+    opened, digest, records, sources, branch, notes, placement: Placement = ONE_DEVICE
+) -> tuple[OpenAdapter, str]:
     if branch:
         return opened, digest
     children: dict[str, list[Record]] = {}
@@ -261,7 +264,7 @@ def lineage_head(opened, digest, records, sources, branch, notes) -> tuple[OpenA
         current = head_record["adapter_digest"]
     if head_record is None:
         return opened, digest
-    head = open_adapter(head_record["adapter"], sources.base_model)
+    head = open_adapter(head_record["adapter"], sources.base_model, placement=placement)
     if adapter_digest(head.model, head.provenance) != current:
         raise LineageError(
             f"{head_record['adapter']}, the newest adapter of this lineage (ledger record "

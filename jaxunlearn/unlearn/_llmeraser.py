@@ -102,6 +102,9 @@ class LLMEraser:
                 )
             if curv.l2_regularization is None:
                 notes.append(_penalty_note(known=trained is not None))
+        context.placement.check_batch_size(
+            curv.batch_size, what="curvature batch size (--batch-size)"
+        )
         settled = dataclasses.replace(
             curv, l2_regularization=float(l2), damping=None if damping is None else float(damping)
         )
@@ -118,7 +121,9 @@ class LLMEraser:
         _check_context(context)
         started = time.perf_counter()
         graphdef, lora, base = curvature.split_for_curvature(context.model)
-        value = preparations.prepare(graphdef, lora, base, context.data, settings)
+        value = preparations.prepare(
+            graphdef, lora, base, context.data, settings, placement=context.placement
+        )
         return Prepared(
             method=self.name,
             adapter_digest=context.adapter_digest,
@@ -288,8 +293,11 @@ class _Request:
             )
         self.settings, self.preparation, self.data = settings, preparation, context.data
         self.graphdef, self.lora, self.base = curvature.split_for_curvature(context.model)
+        self.placement = placement = context.placement
         batch_size = settings.curvature.batch_size
-        self.affected = length_sorted_batches(context.data, resolved.indices, batch_size)
+        self.affected = length_sorted_batches(
+            context.data, resolved.indices, batch_size, placement=placement
+        )
         self.edited = []
         if resolved.replacements:
             edited_data = tokenize_examples(
@@ -299,7 +307,7 @@ class _Request:
                 buckets=context.data.buckets,
             )
             self.edited = length_sorted_batches(
-                edited_data, np.arange(len(edited_data)), batch_size
+                edited_data, np.arange(len(edited_data)), batch_size, placement=placement
             )
         self.batches = self.affected + self.edited
         self.left_out = (
@@ -319,6 +327,7 @@ class _Request:
                 kind=curv.kind,
                 batch_size=curv.batch_size,
                 left_out=self.left_out,
+                placement=self.placement,
             )
         return SolveInputs(
             settings=settings,
@@ -329,6 +338,7 @@ class _Request:
             data=self.data,
             left_out=self.left_out,
             operator=operator,
+            placement=self.placement,
         )
 
 

@@ -25,6 +25,7 @@ from jaxunlearn.batch import Batch
 from jaxunlearn.checkpoint import load_adapter, read_adapter_metadata, save_adapter
 from jaxunlearn.data import DataError, TokenizedDataset
 from jaxunlearn.errors import SettingsError
+from jaxunlearn.parallel import ONE_DEVICE, Placement
 from jaxunlearn.unlearn._llmeraser_settings import EraserSettings
 from jaxunlearn.unlearn._method import PreparationMismatchError, Prepared
 
@@ -102,9 +103,12 @@ class EraserPreparation:
         kind: curvature.CurvatureKind,
         batch_size: int,
         left_out: Sequence[int] | np.ndarray = (),
+        placement: Placement = ONE_DEVICE,
     ):
         """v ↦ Cv over `curvature_sample(left_out)`, linearized here (a new one each call)."""
-        batches = length_sorted_batches(data, self.curvature_sample(left_out), batch_size)
+        batches = length_sorted_batches(
+            data, self.curvature_sample(left_out), batch_size, placement=placement
+        )
         return curvature.fixed_curvature(graphdef, lora, base, batches, kind=kind)
 
 
@@ -142,9 +146,17 @@ def _estimates_spectrum(settings: EraserSettings) -> bool:
 
 
 def prepare(
-    graphdef, lora, base, data: TokenizedDataset, settings: EraserSettings, /
+    graphdef,
+    lora,
+    base,
+    data: TokenizedDataset,
+    settings: EraserSettings,
+    /,
+    *,
+    placement: Placement = ONE_DEVICE,
 ) -> EraserPreparation:
-    """Does the request-independent work at `lora` (settled settings: μ is a number).
+    """Does the request-independent work at `lora` (settled settings: μ is a number), with
+    every batch placed by `placement` (the model's own).
 
     Raises:
         SettingsError: If the damping cannot be chosen from the spectrum (it has no positive
@@ -171,7 +183,13 @@ def prepare(
     spectrum = _NO_SPECTRUM
     if rank is not None or _estimates_spectrum(settings):
         operator = preparation.fixed_operator(
-            graphdef, lora, base, data, kind=curv.kind, batch_size=curv.batch_size
+            graphdef,
+            lora,
+            base,
+            data,
+            kind=curv.kind,
+            batch_size=curv.batch_size,
+            placement=placement,
         )
         if rank is not None:
             # One Lanczos run gives both the eigenbasis and the spectrum estimate.
@@ -195,7 +213,7 @@ def prepare(
     )
     strategy.check_curvature(preparation)
     if settings.mode == "newton":
-        batches = length_sorted_batches(data, np.arange(n), curv.batch_size)
+        batches = length_sorted_batches(data, np.arange(n), curv.batch_size, placement=placement)
         preparation = dataclasses.replace(
             preparation, full_gradient=curvature.objective_gradient(graphdef, lora, base, batches)
         )
@@ -205,13 +223,18 @@ def prepare(
 
 
 def length_sorted_batches(
-    data: TokenizedDataset, indices: Sequence[int] | np.ndarray, batch_size: int
+    data: TokenizedDataset,
+    indices: Sequence[int] | np.ndarray,
+    batch_size: int,
+    *,
+    placement: Placement = ONE_DEVICE,
 ) -> list[Batch]:
-    """Batches of the examples at `indices`, grouped by length to pad little."""
+    """Batches of the examples at `indices`, grouped by length to pad little, placed by
+    `placement` (on a mesh, their rows split over its batch axes)."""
     indices = np.asarray(indices, np.int64)
     ordered = indices[np.argsort(data.lengths[indices], kind="stable")]
     return [
-        data.batch(ordered[start : start + batch_size], batch_size=batch_size)
+        placement.batch(data.batch(ordered[start : start + batch_size], batch_size=batch_size))
         for start in range(0, len(ordered), batch_size)
     ]
 
@@ -281,11 +304,17 @@ def load_preparation(path: str | os.PathLike, lora_like, /) -> Prepared:
         target["eigenvalues"] = np.zeros((count,), dtype)
         target["eigen_residuals"] = np.zeros((count,), dtype)
         target["eigenvectors"] = jax.tree.map(
-            lambda leaf: jax.ShapeDtypeStruct((count, *leaf.shape), leaf.dtype), lora_like
+            lambda leaf: jax.ShapeDtypeStruct(
+                (count, *leaf.shape), leaf.dtype, sharding=_stacked_sharding(leaf)
+            ),
+            lora_like,
         )
     if metadata["has_full_gradient"]:
         target["full_gradient"] = jax.tree.map(
-            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), lora_like
+            lambda leaf: jax.ShapeDtypeStruct(
+                leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None)
+            ),
+            lora_like,
         )
     try:
         tree, _ = load_adapter(path, target=target)
@@ -322,6 +351,17 @@ def load_preparation(path: str | os.PathLike, lora_like, /) -> Prepared:
         settings_key=metadata["settings_key"],
         value=value,
         seconds=metadata["seconds"],
+    )
+
+
+def _stacked_sharding(leaf):
+    """The sharding of a stack of trees like `leaf` (eigenvectors): the stack axis whole, the
+    rest like `leaf` (None for a leaf that has no mesh sharding)."""
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    return jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec)
     )
 
 

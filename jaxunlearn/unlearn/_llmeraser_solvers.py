@@ -26,6 +26,7 @@ import kernels
 from jaxunlearn import curvature
 from jaxunlearn.data import TokenizedDataset
 from jaxunlearn.errors import SettingsError
+from jaxunlearn.parallel import ONE_DEVICE, Placement
 
 if TYPE_CHECKING:
     from jaxunlearn.unlearn._llmeraser_preparation import EraserPreparation
@@ -47,6 +48,7 @@ class SolveInputs:
             `leave_out_request`).
         operator: v ↦ Cv over the fixed sample less `left_out`; None for a solver that does
             not use it.
+        placement: Where the model lives; drawn mini-batches are placed with it.
     """
 
     settings: EraserSettings
@@ -57,6 +59,7 @@ class SolveInputs:
     data: TokenizedDataset
     left_out: np.ndarray
     operator: Any = None
+    placement: Placement = ONE_DEVICE
 
 
 class Solver:
@@ -271,15 +274,24 @@ def _solver_key(settings: EraserSettings) -> jax.Array:
 
 def _stochastic_operator(inputs: SolveInputs):
     """(v, key) ↦ C_B v on mini-batches drawn from every example not left out."""
-    settings, data = inputs.settings, inputs.data
+    settings, data, placement = inputs.settings, inputs.data, inputs.placement
     drawn = np.setdiff1d(np.arange(len(data)), inputs.left_out)
+    # At most the examples there are, in whole rows per batch device.
+    devices = placement.batch_devices
+    batch_size = min(settings.curvature.batch_size, len(drawn) // devices * devices)
+    if batch_size == 0:
+        raise SettingsError(
+            f"{len(drawn)} examples are too few to draw mini-batches split over the mesh's "
+            f"{devices} batch devices ({placement.describe()})."
+        )
     return curvature.stochastic_curvature(
         inputs.graphdef,
         inputs.lora,
         inputs.base,
         data.batch(drawn),
-        batch_size=min(settings.curvature.batch_size, len(drawn)),
+        batch_size=batch_size,
         kind=settings.curvature.kind,
+        batch_sharding=placement.row_sharding(batch_size),
     )
 
 

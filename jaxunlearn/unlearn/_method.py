@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxunlearn.data import Example, TokenizedDataset
 from jaxunlearn.errors import UserError
+from jaxunlearn.parallel import ONE_DEVICE, Placement
 from jaxunlearn.unlearn._requests import ResolvedRequest
 
 __all__ = [
@@ -63,6 +64,8 @@ class UnlearningContext:
         data_digest: The digest of `examples` (ids and contents, in order).
         train_config: The fine-tune's `TrainConfig` as a dict, or None when unknown (an
             adapter from elsewhere).
+        placement: Where `model` lives (one device, or a mesh and its rules); a method
+            places its batches and state with it, so that its arrays meet the model's.
     """
 
     model: nnx.Module
@@ -72,6 +75,7 @@ class UnlearningContext:
     adapter_digest: str
     data_digest: str
     train_config: Mapping[str, Any] | None = None
+    placement: Placement = ONE_DEVICE
 
 
 @dataclasses.dataclass(frozen=True)

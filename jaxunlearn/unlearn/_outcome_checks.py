@@ -73,7 +73,7 @@ def check_outcome(outcome, context, resolved, tokenizer, tokenization, settings)
     ):
         raise ObjectiveWorsenedError(
             f"The update makes the objective after the request worse on a held sample of "
-            f"{sum(int(np.sum(batch.example_mask)) for batch in held)} examples: "
+            f"{sum(curvature.real_examples(batch) for batch in held)} examples: "
             f"{objective_before:.4g} before, {objective_after:.4g} after (more than "
             f"{100 * OBJECTIVE_TOLERANCE:g}% worse); nothing was written. Try a larger damping, "
             "more solver steps, or the Gauss-Newton curvature."
@@ -94,9 +94,10 @@ def _held_batches(context, resolved, tokenizer, tokenization):
     chosen = [retained[i] for i in np.sort(rng.choice(len(retained), size, replace=False))]
     held = tokenize_examples([*chosen, *resolved.replacements], tokenizer, **tokenization)
     order = np.argsort(held.lengths, kind="stable")
-    batch_size = 8
+    placement = context.placement
+    batch_size = placement.round_batch_size(8)
     return [
-        held.batch(order[start : start + batch_size], batch_size=batch_size)
+        placement.batch(held.batch(order[start : start + batch_size], batch_size=batch_size))
         for start in range(0, len(order), batch_size)
     ]
 
@@ -117,7 +118,7 @@ def _objective(graphdef, lora, base, batches, penalty: float) -> float:
     loss = _jitted_objective(graphdef)
     total, count = 0.0, 0
     for batch in batches:
-        rows = int(np.sum(batch.example_mask))
+        rows = curvature.real_examples(batch)
         if rows:
             total += rows * float(loss(lora, base, batch))
             count += rows

@@ -44,6 +44,7 @@ from jaxunlearn.data import (
 )
 from jaxunlearn.errors import UserError
 from jaxunlearn.eval import timed
+from jaxunlearn.parallel import ONE_DEVICE, Placement
 from jaxunlearn.unlearn._adapter_files import open_adapter, save_adapter_files
 from jaxunlearn.unlearn._digests import examples_digest, file_sha256
 from jaxunlearn.unlearn._ledger import ConflictingRequestError, Record
@@ -174,6 +175,7 @@ def apply_request(
     allow_edited_removal: bool = False,
     skip_checks: Collection[str] = (),
     purge_stale: bool = False,
+    placement: Placement = ONE_DEVICE,
     log: Callable[[str], None] | None = None,
 ) -> RequestOutcome:
     """Applies an unlearning request to an adapter exactly once, and proves it in the ledger.
@@ -195,6 +197,9 @@ def apply_request(
         skip_checks: Artifacts whose digests are not checked: any of "base_model",
             "tokenizer", "data" (for users who know why they differ).
         purge_stale: Delete the files that still hold removed data (see `stale_copies`).
+        placement: Where the model and the method's work live: one device (the default), or
+            a mesh (`parallel.Placement(mesh, rules)`) whose devices each read and hold their
+            share of the base weights; the result is the same adapter to float32 rounding.
         log: Where progress lines go (default: stderr).
 
     Returns:
@@ -223,14 +228,14 @@ def apply_request(
             f"{type(settings).__name__}."
         )
     out = pathlib.Path(os.path.abspath(os.fspath(out)))
-    opened = open_adapter(adapter, sources.base_model)
+    opened = open_adapter(adapter, sources.base_model, placement=placement)
     ledger = ledger_for(opened, ledger)
     notes: list[str] = []
     with ledger.lock():
         recover(ledger, log=log)
         records = ledger.records()
         digest = identify(opened, ledger, records, sources, skip_checks, notes)
-        head, digest = lineage_head(opened, digest, records, sources, branch, notes)
+        head, digest = lineage_head(opened, digest, records, sources, branch, notes, placement)
         provenance = head.provenance
         assert provenance is not None
         previous = already_applied(request, provenance, ledger, records)
@@ -261,6 +266,7 @@ def apply_request(
             adapter_digest=digest,
             data_digest=examples_digest(current.examples),
             train_config=provenance.train_config,
+            placement=placement,
         )
         settings, settle_notes = implementation.settle(settings, context)
         notes.extend(settle_notes)

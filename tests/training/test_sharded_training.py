@@ -57,3 +57,35 @@ def test_finetune_refuses_the_batch_before_moving_the_model():
     mesh = AbstractMesh((1, 2, 1), parallel.MESH_AXES)
     with pytest.raises(SettingsError, match="3 rows cannot be split"):
         finetune(model, FakeDataset(4), config=config, mesh=mesh, progress=False)
+
+
+TWO_PROCESSES = os.path.join(os.path.dirname(__file__), "two_process_finetune.py")
+
+
+@pytest.mark.multi_device
+def test_two_processes_on_one_mesh_reproduce_the_single_process_fine_tune(tmp_path):
+    import jax
+    import numpy as np
+    from flax import nnx
+    from multi_device import run_processes
+    from sharded_finetune import CONFIG
+
+    from jaxunlearn.unlearn import tree_digest
+
+    out = tmp_path / "lora.npz"
+    run_processes(TWO_PROCESSES, str(out), processes=2, devices=4)
+    single = tiny_lora_model(dropout=0.1)
+    run = finetune(
+        single, FakeDataset(32, seed=1), config=CONFIG, eval_data=FakeDataset(8, seed=2),
+        progress=False,
+    )  # fmt: skip
+    saved = np.load(out)
+    want = [np.asarray(leaf) for leaf in jax.tree.leaves(nnx.state(single, nnx.LoRAParam))]
+    got = [saved[f"arr_{index}"] for index in range(len(want))]
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w)
+    np.testing.assert_allclose(saved["losses"], run.history.losses, rtol=1e-5)
+    # The digest of the adapter split over both processes is the digest of its whole arrays.
+    structure = jax.tree.structure(nnx.state(single, nnx.LoRAParam))
+    assert str(saved["digest"]) == tree_digest(jax.tree.unflatten(structure, got))
