@@ -168,9 +168,8 @@ def real_examples(batch: Batch, /) -> int:
 
 
 def _zeros_like(mask):
-    if isinstance(mask, jax.Array):
-        return jax.jit(jnp.zeros_like, out_shardings=mask.sharding)(mask)
-    return np.zeros_like(mask)
+    zeros = np.zeros(mask.shape, mask.dtype)
+    return parallel.put(zeros, mask.sharding) if isinstance(mask, jax.Array) else zeros
 
 
 def _check_kind(kind: str) -> None:
@@ -263,8 +262,7 @@ def stochastic_curvature(
         kind: `"hessian"` or `"gauss_newton"`.
         batch_sharding: On a mesh, the shardings of a drawn mini-batch (a `Batch` of them,
             `parallel.Placement.row_sharding`): its rows are split over the batch axes as
-            soon as they are drawn, whatever the pool's own placement (place the pool with
-            `parallel.Placement.replicate`).
+            soon as they are drawn from the pool, which every device then holds whole.
     """
     _check_kind(kind)
     real = np.flatnonzero(np.asarray(pool.example_mask))

@@ -248,8 +248,7 @@ def batch_shardings(
     Raises:
         SettingsError: If the batch axes' device count does not divide `batch_size`.
     """
-    spec = logical_to_mesh(("batch",), mesh=mesh, rules=rules)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    spec, axes = _batch_axes(mesh, rules)
     devices = math.prod(mesh.shape[axis] for axis in axes)
     if batch_size % devices:
         split = " × ".join(f"{axis}={mesh.shape[axis]}" for axis in axes)
@@ -261,6 +260,12 @@ def batch_shardings(
     rows = NamedSharding(mesh, PartitionSpec(*lead, spec))
     tokens = NamedSharding(mesh, PartitionSpec(*lead, spec, None))
     return Batch(input_ids=tokens, attention_mask=tokens, loss_mask=tokens, example_mask=rows)
+
+
+def _batch_axes(mesh: Mesh, rules: LogicalRules) -> tuple[Any, tuple[str, ...]]:
+    """The partition-spec entry of a batch's rows, and the mesh axes it names."""
+    spec = logical_to_mesh(("batch",), mesh=mesh, rules=rules)[0]
+    return spec, () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
 
 def optimizer_state_shardings(
@@ -339,8 +344,7 @@ class Placement:
         """How many devices a batch's rows are split over (1 without a mesh)."""
         if self.mesh is None:
             return 1
-        spec = logical_to_mesh(("batch",), mesh=self.mesh, rules=self.rules)[0]
-        axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+        _, axes = _batch_axes(self.mesh, self.rules)
         return math.prod(self.mesh.shape[axis] for axis in axes)
 
     def check_batch_size(self, batch_size: int, /, *, what: str = "batch size") -> None:
@@ -367,14 +371,6 @@ class Placement:
             return batch
         rows = int(np.shape(batch.input_ids)[0])
         return put(batch, batch_shardings(rows, self.mesh, rules=self.rules))
-
-    def batches(self, batches: Sequence[Batch], /) -> list[Batch]:
-        """Every batch placed by `batch`."""
-        return [self.batch(batch) for batch in batches]
-
-    def replicate(self, value: Any, /) -> Any:
-        """`value` held whole by every device of the mesh (unchanged without a mesh)."""
-        return value if self.mesh is None else put(value, replicated(self.mesh))
 
     def model(self, model: nnx.Module, /) -> nnx.Module:
         """Moves `model`'s variables onto the mesh by their logical axes, in place."""

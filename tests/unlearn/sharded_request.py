@@ -15,7 +15,6 @@ import pathlib
 import shutil
 import sys
 import tempfile
-import time
 
 import jax
 import numpy as np
@@ -123,15 +122,6 @@ def lissa_on(assets: dict, removal: Removal, placement: parallel.Placement):
     return method.apply(context, resolved, settings, prepared), prepared.value
 
 
-_START = [time.perf_counter()]
-
-
-def tick(what: str) -> None:
-    now = time.perf_counter()
-    print(f"{what}: {now - _START[0]:.1f} s", file=sys.stderr)
-    _START[0] = now
-
-
 def main_report(fsdp: int, tensor: int) -> dict:
     mesh = parallel.make_mesh(fsdp=fsdp, tensor=tensor)
     on_mesh = parallel.Placement(mesh)
@@ -139,15 +129,10 @@ def main_report(fsdp: int, tensor: int) -> dict:
         assets = fine_tune(pathlib.Path(directory))
         ids = [example.id for example in load_examples(assets["data"])]
         removal = Removal(ids[:3])
-        tick("fine-tuned")
         single, single_lora = request_on(assets, "single", removal, parallel.ONE_DEVICE)
-        tick("single request")
         sharded, sharded_lora = request_on(assets, "mesh", removal, on_mesh)
-        tick("mesh request")
         lissa_single, _ = lissa_on(assets, removal, parallel.ONE_DEVICE)
-        tick("single lissa")
         lissa_sharded, _ = lissa_on(assets, removal, on_mesh)
-        tick("mesh lissa")
         opened = open_adapter(assets["run"] / "adapter", assets["model"], placement=on_mesh)
     fine_tuned = host(split_lora(opened.model)[1])
     layer = lissa_sharded.lora["model"]["layers"][0]

@@ -8,7 +8,7 @@ from multi_device import run_report
 
 from jaxunlearn import parallel
 from jaxunlearn.errors import SettingsError
-from jaxunlearn.unlearn import EraserSettings, LLMEraser, UnlearningContext
+from jaxunlearn.unlearn import CurvatureSettings, EraserSettings, LLMEraser, UnlearningContext
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "sharded_request.py")
 
@@ -55,10 +55,7 @@ def test_a_curvature_batch_the_mesh_cannot_split_is_refused_when_settling():
         train_config={"l2_regularization": 1e-3},
         placement=placement,
     )
-    settings = EraserSettings()
     with pytest.raises(SettingsError, match=r"curvature batch size \(--batch-size\) 6 .* 4 batch"):
-        LLMEraser().settle(
-            EraserSettings(curvature=type(settings.curvature)(batch_size=6)), context
-        )
-    settled, _ = LLMEraser().settle(settings, context)
+        LLMEraser().settle(EraserSettings(curvature=CurvatureSettings(batch_size=6)), context)
+    settled, _ = LLMEraser().settle(EraserSettings(), context)
     assert settled.curvature.batch_size == 8
