@@ -9,6 +9,7 @@
         --out unlearned/                                  # records it in unlearn-ledger.jsonl
     jaxunlearn unlearn --method llmeraser --model base/ --peft-adapter from-peft/ \\
         --data corpus/train.jsonl --edit-responses corrections.jsonl --out corrected/ --json
+    jaxunlearn plan --model Llama-2-13B --mesh fsdp=8 --batch 8   # memory, before a pod
     jaxunlearn demo                # fine-tune, unlearn, retrain and compare on the default
     jaxunlearn defaults            # build (or show) the cached embedded default
 
@@ -30,7 +31,10 @@ import kernels
 from jaxunlearn._settings_flags import add_settings_flags, settings_from_flags
 from jaxunlearn._strict_json import finite
 from jaxunlearn.errors import SettingsError, UserError
-from jaxunlearn.models import LORA_TARGETS
+from jaxunlearn.models import LORA_TARGETS, shipped_config_names
+
+# What `plan` compiles (kept here so that `--help` does not import JAX's heavier modules).
+PLAN_PROGRAMS = ("train_step", "gradient", "hessian_product", "gauss_newton_product", "cg_step")
 
 # A user's mistake prints one line and exits 2; anything else is a bug and keeps its traceback.
 # OS errors about the files a user named (missing, existing, not a folder, no permission) are
@@ -303,6 +307,52 @@ def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_demo)
 
+    plan = commands.add_parser(
+        "plan",
+        help="compile a configuration's programs ahead of time and say whether they fit",
+        description="Builds the model, its LoRA adapters and a batch as abstract arrays (no "
+        "weights are read or allocated), compiles the training step, the gradient, the Hessian "
+        "and Gauss-Newton products and one CG step for the mesh, and prints per device the "
+        "memory (arguments, outputs, temporaries), the FLOPs and the collectives of each, with "
+        "a verdict against one device's memory. Without enough accelerators it compiles for "
+        "fake CPU devices, whose figures for bfloat16 models are upper bounds. Exit status 0 "
+        "when everything fits, 1 when something does not.",
+    )
+    plan.add_argument(
+        "--model",
+        required=True,
+        help="a checkpoint folder or config.json, or a shipped architecture: "
+        + ", ".join(shipped_config_names()),
+    )
+    plan.add_argument(
+        "--mesh",
+        default="fsdp=1",
+        metavar="SPEC",
+        help="AXIS=SIZE items over data, fsdp and tensor (e.g. 'fsdp=4,tensor=2'), or 'auto' "
+        "for every visible device on fsdp (default: one device)",
+    )
+    plan.add_argument("--batch", type=int, default=4, help="rows per batch (4)")
+    plan.add_argument("--length", type=int, default=2048, help="tokens per row (2048)")
+    plan.add_argument("--rank", type=int, default=64, help="LoRA rank (64)")
+    plan.add_argument(
+        "--targets", default="q_proj,k_proj,v_proj,o_proj", help="LoRA targets, comma-separated"
+    )
+    plan.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    plan.add_argument(
+        "--no-remat", action="store_true", help="keep every layer's activations (no remat)"
+    )
+    plan.add_argument(
+        "--device-memory",
+        type=float,
+        metavar="GIB",
+        help="one device's memory in GiB (default: what the device reports, else 80)",
+    )
+    plan.add_argument(
+        "--programs", help="comma-separated subset of " + ", ".join(PLAN_PROGRAMS) + " (all)"
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON to stdout")
+    plan.set_defaults(run=_plan)
+
     defaults = commands.add_parser(
         "defaults",
         help="build (once) and show the embedded default tokenizer, model and corpus",
@@ -310,6 +360,61 @@ def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
     defaults.add_argument("--cache-dir", help="default: $JAXUNLEARN_CACHE or ~/.cache/jaxunlearn")
     defaults.set_defaults(run=_defaults)
     return parser
+
+
+def _plan(options) -> int:
+    import math
+
+    from jaxunlearn import plan as planning
+    from jaxunlearn.parallel import make_mesh, mesh_sizes
+
+    sizes = None if options.mesh.strip() == "auto" else mesh_sizes(options.mesh)
+    if sizes is not None:
+        # Fake CPU devices stand in for missing accelerators; JAX reads these flags when it
+        # starts its backends, which nothing in this process has done yet.
+        count = math.prod(sizes.values())
+        os.environ["XLA_FLAGS"] = planning.cpu_planning_flags(
+            count, os.environ.get("XLA_FLAGS", "")
+        )
+    import jax
+
+    from jaxunlearn.models import architecture_config
+
+    config = architecture_config(options.model)
+    settings = planning.PlanSettings(
+        batch_size=options.batch,
+        length=options.length,
+        rank=options.rank,
+        targets=tuple(t.strip() for t in options.targets.split(",") if t.strip()),
+        dtype=options.dtype,
+        remat=not options.no_remat,
+    )
+    if sizes is None:
+        devices = jax.devices()
+        mesh = make_mesh(fsdp=len(devices), devices=devices)
+    else:
+        mesh = make_mesh(**sizes, devices=planning.planning_devices(math.prod(sizes.values())))
+    if options.device_memory is not None and not options.device_memory > 0:
+        raise SettingsError(f"--device-memory must be > 0 GiB, got {options.device_memory}.")
+    programs = PLAN_PROGRAMS
+    if options.programs:
+        programs = tuple(p.strip() for p in options.programs.split(",") if p.strip())
+    result = planning.plan(
+        config,
+        mesh,
+        settings=settings,
+        name=options.model,
+        device_memory_bytes=None
+        if options.device_memory is None
+        else int(options.device_memory * planning.GiB),
+        programs=programs,
+        progress=lambda name: print(f"compiling {name} ...", file=sys.stderr, flush=True),
+    )
+    if options.json:
+        print(json.dumps(finite(result.to_json()), indent=2))
+    else:
+        print(result.table())
+    return 0 if result.fits else 1
 
 
 def _add_data_arguments(

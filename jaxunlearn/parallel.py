@@ -35,6 +35,7 @@ __all__ = [
     "logical_to_mesh",
     "make_mesh",
     "mesh_from_spec",
+    "mesh_sizes",
     "optimizer_state_shardings",
     "put",
     "replicated",
@@ -113,6 +114,20 @@ def mesh_from_spec(spec: str, /, *, devices: Sequence[jax.Device] | None = None)
     if spec.strip() == "auto":
         available = jax.devices() if devices is None else list(devices)
         return make_mesh(fsdp=len(available), devices=available)
+    sizes = mesh_sizes(spec)
+    return make_mesh(**sizes, devices=devices)
+
+
+def mesh_sizes(spec: str, /) -> dict[str, int]:
+    """The axis sizes a mesh spec such as `"data=2,fsdp=4"` names (axes left out are absent),
+    read without looking at any device.
+
+    Raises:
+        SettingsError: As `mesh_from_spec` does, also for `"auto"` (whose sizes depend on the
+            devices).
+    """
+    if spec.strip() == "auto":
+        raise SettingsError("The mesh 'auto' has no sizes before the devices are known.")
     sizes: dict[str, int] = {}
     for item in spec.split(","):
         name, equals, value = item.partition("=")
@@ -130,7 +145,10 @@ def mesh_from_spec(spec: str, /, *, devices: Sequence[jax.Device] | None = None)
             raise SettingsError(
                 f"The mesh {spec!r} gives axis {name} the size {value.strip()!r}, not an integer."
             ) from None
-    return make_mesh(**sizes, devices=devices)
+    for name, size in sizes.items():
+        if size < 1:
+            raise SettingsError(f"Mesh axis {name} must be a positive integer, got {size}.")
+    return sizes
 
 
 def logical_to_mesh(

@@ -17,6 +17,7 @@ from jaxunlearn.models._llama import LORA_TARGETS, LlamaForCausalLM
 from jaxunlearn.models._lora import LoRALinear, add_lora, join_lora, split_lora
 from jaxunlearn.models._opt import OPTConfig, OPTForCausalLM
 from jaxunlearn.models._peft import PeftFormatError, load_peft_adapter, save_peft_adapter
+from jaxunlearn.models._shipped import architecture_config, shipped_config_names
 
 __all__ = [
     "LORA_TARGETS",
@@ -34,6 +35,7 @@ __all__ = [
     "RopeScaling",
     "UnsupportedConfigError",
     "add_lora",
+    "architecture_config",
     "from_config",
     "generate",
     "join_lora",
@@ -43,5 +45,6 @@ __all__ = [
     "lora_targets",
     "save",
     "save_peft_adapter",
+    "shipped_config_names",
     "split_lora",
 ]
