@@ -7,6 +7,7 @@ batch with padding and a key-value cache is attended over; that logic lives here
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -229,6 +230,21 @@ def attend(
     # Query heads are grouped by the key/value head they share: no copies of keys/values.
     grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
     score_dtype = jnp.float32 if float32_scores else query.dtype
+    block = functools.partial(_attend_block, scale=scale, score_dtype=score_dtype)
+    if cache is None and length > QUERY_CHUNK and length % QUERY_CHUNK == 0:
+        out = _attend_in_query_chunks(block, grouped, key, value, allowed)
+    else:
+        out = block(grouped, key, value, allowed)
+    return out.reshape(batch, length, heads * head_dim), new_cache
+
+
+# Sequences longer than this attend in blocks of this many queries (when it divides the length).
+QUERY_CHUNK = 512
+
+
+def _attend_block(grouped, key, value, allowed, *, scale: float, score_dtype) -> jax.Array:
+    """Attention of a block of grouped queries [batch, queries, kv_heads, group, head_dim] over
+    every key; `allowed` is [batch, queries, keys]."""
     scores = jnp.einsum("btkgd,bskd->bkgts", grouped.astype(score_dtype), key.astype(score_dtype))
     scores = scores * scale
     # Masked after the cast to float32: float64's minimum would become −inf there, and a row
@@ -236,9 +252,32 @@ def attend(
     scores = jnp.where(
         allowed[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min
     )
-    weights = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, value.astype(query.dtype))
-    return out.reshape(batch, length, heads * head_dim), new_cache
+    weights = jax.nn.softmax(scores, axis=-1).astype(grouped.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", weights, value.astype(grouped.dtype))
+
+
+def _attend_in_query_chunks(block, grouped, key, value, allowed) -> jax.Array:
+    """`block` over chunks of `QUERY_CHUNK` queries in a loop, each rematerialized.
+
+    Each query's softmax reads only its own scores, so chunking the queries changes no
+    arithmetic; it bounds the [batch, heads, queries, keys] scores and weights to a chunk in
+    every mode of differentiation: forward-mode (the products of Gauss-Newton and Hessian
+    curvature) carries their tangents chunk by chunk, and the reverse pass recomputes them per
+    chunk rather than keeping them for the whole sequence.
+    """
+    batch, length = grouped.shape[:2]
+    chunks = length // QUERY_CHUNK
+
+    def split(x):
+        return x.reshape(batch, chunks, QUERY_CHUNK, *x.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(inputs):
+        query_chunk, allowed_chunk = inputs
+        return block(query_chunk, key, value, allowed_chunk)
+
+    out = jax.lax.map(one_chunk, (split(grouped), split(allowed)))
+    return out.swapaxes(0, 1).reshape(grouped.shape)
 
 
 def run_layers(
