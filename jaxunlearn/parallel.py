@@ -8,6 +8,8 @@ changing the rules, never the model.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -29,7 +31,9 @@ __all__ = [
     "ONE_DEVICE",
     "LogicalRules",
     "Placement",
+    "activations_on",
     "batch_shardings",
+    "constrain_rows",
     "host_array",
     "logical_sharding",
     "logical_to_mesh",
@@ -409,3 +413,41 @@ class Placement:
 
 # The placement of everything on the default device: what every `placement=` defaults to.
 ONE_DEVICE = Placement()
+
+
+# The placement whose batch axes split activations' rows, while a computation is traced.
+_ACTIVATIONS: contextvars.ContextVar[Placement | None] = contextvars.ContextVar(
+    "jaxunlearn_activation_placement", default=None
+)
+
+
+@contextlib.contextmanager
+def activations_on(placement: Placement, /):
+    """Within it, models traced keep their activations' rows split over `placement`'s batch
+    axes (`constrain_rows`); without a mesh it changes nothing.
+
+    Without the constraint the compiler is free to lay activations out as it likes, and with
+    parameters split over fsdp it often splits the model width instead of the rows: fsdp then
+    acts as a second tensor axis, and each layer all-reduces and all-to-alls its activations.
+    With it, each device keeps its own rows and gathers the weights it needs (FSDP).
+
+    The constraint is part of a program's trace, and JAX reuses a trace for arguments of the
+    same shapes and shardings: a function first traced outside this context keeps that layout
+    when called again inside it (a layout only: the values are the same).
+    """
+    token = _ACTIVATIONS.set(None if placement.mesh is None else placement)
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain_rows(x: jax.Array, /) -> jax.Array:
+    """`x` with its leading (batch) axis split over the batch axes of the `activations_on`
+    placement, and its other axes whole; `x` itself outside one, or when those axes do not
+    divide its rows."""
+    placement = _ACTIVATIONS.get()
+    if placement is None or x.shape[0] % placement.batch_devices:
+        return x
+    spec, _ = _batch_axes(placement.mesh, placement.rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(placement.mesh, PartitionSpec(spec)))

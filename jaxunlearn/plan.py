@@ -351,7 +351,9 @@ def plan(
         if progress is not None:
             progress(program)
         started = time.perf_counter()
-        compiled = compilers[program]().compile()
+        # Traced as finetune and apply_request trace them: activations' rows on their devices.
+        with parallel.activations_on(placement):
+            compiled = compilers[program]().compile()
         planned.append(_measured(program, compiled, time.perf_counter() - started))
     device = mesh.devices.flat[0]
     return Plan(

@@ -322,6 +322,36 @@ def finetune(
         TrainingDivergedError: If training diverged (see above).
         ValueError: If a `BatchSource` returns batches of the wrong size.
     """
+    # Activations keep their rows on their devices while the steps are traced.
+    with parallel.activations_on(parallel.Placement(mesh, rules)):
+        return _finetune(
+            model,
+            train_data,
+            config=config,
+            eval_data=eval_data,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            trainable=trainable,
+            progress=progress,
+            mesh=mesh,
+            rules=rules,
+        )
+
+
+def _finetune(
+    model,
+    train_data,
+    /,
+    *,
+    config,
+    eval_data,
+    checkpoint_dir,
+    resume,
+    trainable,
+    progress,
+    mesh,
+    rules,
+) -> TrainResult:
     started = time.perf_counter()
     num_examples = _checked_length(train_data, "train_data")
     if eval_data is not None:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxunlearn import parallel
 from jaxunlearn.errors import SettingsError
 
 # transformers initialises every weight matrix with N(0, initializer_range = 0.02).
@@ -303,6 +304,8 @@ def run_layers(
     for i, layer in enumerate(layers):
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
         call = nnx.remat(type(layer).__call__) if remat else type(layer).__call__
+        # Each layer starts from rows split over the batch axes, on a mesh (a no-op otherwise).
+        hidden = parallel.constrain_rows(hidden)
         hidden, layer_kv = call(layer, hidden, *layer_args, layer_cache)
         if layer_kv is not None:
             new_keys.append(layer_kv[0])

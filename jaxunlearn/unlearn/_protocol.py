@@ -44,7 +44,7 @@ from jaxunlearn.data import (
 )
 from jaxunlearn.errors import UserError
 from jaxunlearn.eval import timed
-from jaxunlearn.parallel import ONE_DEVICE, Placement
+from jaxunlearn.parallel import ONE_DEVICE, Placement, activations_on
 from jaxunlearn.unlearn._adapter_files import open_adapter, save_adapter_files
 from jaxunlearn.unlearn._digests import examples_digest, file_sha256
 from jaxunlearn.unlearn._ledger import ConflictingRequestError, Record
@@ -231,7 +231,8 @@ def apply_request(
     opened = open_adapter(adapter, sources.base_model, placement=placement)
     ledger = ledger_for(opened, ledger)
     notes: list[str] = []
-    with ledger.lock():
+    # On a mesh, the method's programs keep activations' rows on their devices as traced.
+    with ledger.lock(), activations_on(placement):
         recover(ledger, log=log)
         records = ledger.records()
         digest = identify(opened, ledger, records, sources, skip_checks, notes)
