@@ -112,10 +112,12 @@ def test_gradient_accumulation_equals_one_big_batch():
     for accumulation in (2, 4):
         np.testing.assert_allclose(losses[accumulation], losses[1], rtol=1e-6)
         # Adam divides each coordinate by its own gradient scale, so float32 rounding in tiny
-        # gradient coordinates shows up as ~3e-5 of the training move; averaging the micro-batch
-        # means without weighting them by their real examples is off by ~0.25 of it here.
+        # gradient coordinates shows up in the training move: ~3e-5 of it on one machine, 2.7e-4
+        # in one coordinate of 128 on another (XLA compiles for the host CPU, so its sums may
+        # run in another order). Averaging the micro-batch means without
+        # weighting them by their real examples is off by ~0.25 of it here.
         for got, want in zip(adapters[accumulation], adapters[1], strict=True):
-            np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * change)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * change)
 
 
 def test_l2_regularization_is_part_of_the_objective():
