@@ -370,10 +370,14 @@ def plan(
 
 def _abstract(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
     """`state` as `ShapeDtypeStruct`s carrying the shardings of its logical axes."""
-    shardings = parallel.state_shardings(state, mesh, rules=rules)
+    return _placed(state, parallel.state_shardings(state, mesh, rules=rules))
+
+
+def _placed(tree, shardings):
+    """The abstract values of `tree` (arrays or shape structs) with `shardings` (a tree)."""
     return jax.tree.map(
         lambda value, sharding: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding),
-        state,
+        tree,
         shardings,
     )
 
@@ -403,11 +407,7 @@ def _train_step(model: nnx.Module, settings: PlanSettings, mesh: Mesh, rules):
         params, frozen, optimizer_settings, settings.batch_size, mesh, rules
     )
     opt_state = jax.eval_shape(train._optimizer(optimizer_settings).init, params)
-    opt_state = jax.tree.map(
-        lambda value, sharding: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding),
-        opt_state,
-        placement.opt_state,
-    )
+    opt_state = _placed(opt_state, placement.opt_state)
     replicated = parallel.replicated(mesh)
     return placement.train_step(graphdef, optimizer_settings).lower(
         _abstract(params, mesh, rules),
@@ -431,11 +431,7 @@ def _cg_step(graphdef, lora, base, batch, damping: float):
             for field in state
         )
     )
-    state = jax.tree.map(
-        lambda value, sharding: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding),
-        state,
-        shardings,
-    )
+    state = _placed(state, shardings)
     return _jitted_cg_step(damping).lower(operator, state)
 
 
