@@ -261,10 +261,11 @@ def _attend_in_query_chunks(block, grouped, key, value, allowed) -> jax.Array:
     """`block` over chunks of `QUERY_CHUNK` queries in a loop, each rematerialized.
 
     Each query's softmax reads only its own scores, so chunking the queries changes no
-    arithmetic; it bounds the [batch, heads, queries, keys] scores and weights to a chunk in
-    every mode of differentiation: forward-mode (the products of Gauss-Newton and Hessian
-    curvature) carries their tangents chunk by chunk, and the reverse pass recomputes them per
-    chunk rather than keeping them for the whole sequence.
+    formula (the compiler may sum in another order, within float rounding). It bounds the
+    [batch, heads, queries, keys] scores and weights to a chunk in every mode of
+    differentiation: forward mode (the products of Gauss-Newton and Hessian curvature) carries
+    their tangents chunk by chunk, and the reverse pass recomputes them per chunk rather than
+    keeping them for the whole sequence.
     """
     batch, length = grouped.shape[:2]
     chunks = length // QUERY_CHUNK
