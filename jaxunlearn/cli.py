@@ -33,7 +33,8 @@ from jaxunlearn._strict_json import finite
 from jaxunlearn.errors import SettingsError, UserError
 from jaxunlearn.models import LORA_TARGETS, shipped_config_names
 
-# What `plan` compiles (kept here so that `--help` does not import JAX's heavier modules).
+# What `plan` compiles, for its --help: `jaxunlearn.plan.PROGRAMS`, which the tests keep equal
+# (importing that module, with training and orbax, would add 0.3 s to every start).
 PLAN_PROGRAMS = ("train_step", "gradient", "hessian_product", "gauss_newton_product", "cg_step")
 
 # A user's mistake prints one line and exits 2; anything else is a bug and keeps its traceback.
@@ -366,8 +367,11 @@ def _plan(options) -> int:
     import math
 
     from jaxunlearn import plan as planning
-    from jaxunlearn.parallel import make_mesh, mesh_sizes
+    from jaxunlearn.models import architecture_config
+    from jaxunlearn.parallel import make_mesh, mesh_from_spec, mesh_sizes
 
+    if options.device_memory is not None and not options.device_memory > 0:
+        raise SettingsError(f"--device-memory must be > 0 GiB, got {options.device_memory}.")
     sizes = None if options.mesh.strip() == "auto" else mesh_sizes(options.mesh)
     if sizes is not None:
         # Fake CPU devices stand in for missing accelerators; JAX reads these flags when it
@@ -376,10 +380,6 @@ def _plan(options) -> int:
         os.environ["XLA_FLAGS"] = planning.cpu_planning_flags(
             count, os.environ.get("XLA_FLAGS", "")
         )
-    import jax
-
-    from jaxunlearn.models import architecture_config
-
     config = architecture_config(options.model)
     settings = planning.PlanSettings(
         batch_size=options.batch,
@@ -390,12 +390,9 @@ def _plan(options) -> int:
         remat=not options.no_remat,
     )
     if sizes is None:
-        devices = jax.devices()
-        mesh = make_mesh(fsdp=len(devices), devices=devices)
+        mesh = mesh_from_spec("auto")
     else:
-        mesh = make_mesh(**sizes, devices=planning.planning_devices(math.prod(sizes.values())))
-    if options.device_memory is not None and not options.device_memory > 0:
-        raise SettingsError(f"--device-memory must be > 0 GiB, got {options.device_memory}.")
+        mesh = make_mesh(**sizes, devices=planning.planning_devices(count))
     programs = PLAN_PROGRAMS
     if options.programs:
         programs = tuple(p.strip() for p in options.programs.split(",") if p.strip())

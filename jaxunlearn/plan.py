@@ -231,7 +231,7 @@ class Plan(NamedTuple):
                 f"{collectives or 'none'} |"
             )
         rows += ["", self.verdict()]
-        if self.platform == "cpu":
+        if self.platform == "cpu" and self.settings.dtype == "bfloat16":
             rows.append(
                 "Compiled for CPU devices: XLA:CPU computes bfloat16 products in float32, so "
                 "figures of a bfloat16 model are upper bounds of an accelerator's."
@@ -342,7 +342,7 @@ def plan(
         "gauss_newton_product": lambda: curvature.batch_product(graphdef, "gauss_newton").lower(
             lora, base, batch, lora
         ),
-        "cg_step": lambda: _cg_step(graphdef, lora, base, batch, settings.damping),
+        "cg_step": lambda: _cg_step(graphdef, lora, base, batch, settings.damping, mesh),
     }
     planned = []
     for program in PROGRAMS:
@@ -419,7 +419,7 @@ def _train_step(model: nnx.Module, settings: PlanSettings, mesh: Mesh, rules):
     )
 
 
-def _cg_step(graphdef, lora, base, batch, damping: float):
+def _cg_step(graphdef, lora, base, batch, damping: float, mesh: Mesh):
     """One CG step on the default curvature (Gauss-Newton), its state donated, lowered."""
     product = curvature.batch_product(graphdef, "gauss_newton")
     operator = jax.tree_util.Partial(product, lora, base, batch)
@@ -427,7 +427,7 @@ def _cg_step(graphdef, lora, base, batch, damping: float):
     # The state's trees keep the adapter's shardings; its scalars are replicated.
     shardings = kernels.CGState(
         *(
-            _shardings_of(lora) if isinstance(field, nnx.State) else _replicated_like(lora)
+            _shardings_of(lora) if isinstance(field, nnx.State) else parallel.replicated(mesh)
             for field in state
         )
     )
@@ -445,10 +445,6 @@ def _jitted_cg_step(damping: float):
 
 def _shardings_of(tree):
     return jax.tree.map(lambda leaf: leaf.sharding, tree)
-
-
-def _replicated_like(lora):
-    return parallel.replicated(jax.tree.leaves(lora)[0].sharding.mesh)
 
 
 def _measured(name: str, compiled, seconds: float) -> ProgramPlan:

@@ -181,6 +181,7 @@ def test_plan_on_one_device_has_no_collectives_and_says_when_it_does_not_fit(
         (("--programs", "gradient,backprop"), "plan programs must be among"),
         (("--targets", "q_proj,wq"), "LoRA targets must be"),
         (("--batch", "0"), "batch_size must be a positive integer"),
+        (("--device-memory", "0"), "--device-memory must be > 0 GiB"),
     ],
 )
 def test_plan_refuses_bad_input_in_one_line(tiny_config_dir, arguments, message):
