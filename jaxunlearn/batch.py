@@ -44,14 +44,39 @@ def token_log_probs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
 
 def example_losses(logits: jax.Array, batch: Batch) -> jax.Array:
     """L(z) per example: the mean NLL of its response tokens, float32 [B] (0 for pad rows)."""
+    return response_losses(token_log_probs(logits, jnp.asarray(batch.input_ids)), batch)
+
+
+def mean_loss(logits: jax.Array, batch: Batch) -> jax.Array:
+    """The mean of L(z) over the batch's real examples (a scalar)."""
+    return mean_over_examples(example_losses(logits, batch), batch)
+
+
+def response_losses(log_probs: jax.Array, batch: Batch) -> jax.Array:
+    """L(z) per example from the next-token log-probabilities [B, T−1] of its tokens
+    (`token_log_probs`, or a model's `next_token_log_probs`), float32 [B] (0 for pad rows)."""
     weights = jnp.asarray(batch.loss_mask[:, 1:], jnp.float32)
-    nll = -token_log_probs(logits, jnp.asarray(batch.input_ids)) * weights
+    nll = -log_probs * weights
     counts = jnp.sum(weights, axis=-1)
     losses = jnp.sum(nll, axis=-1) / jnp.maximum(counts, 1.0)
     return jnp.where(jnp.asarray(batch.example_mask), losses, 0.0)
 
 
-def mean_loss(logits: jax.Array, batch: Batch) -> jax.Array:
-    """The mean of L(z) over the batch's real examples (a scalar)."""
+def model_example_losses(model, batch: Batch) -> jax.Array:
+    """`example_losses` of a causal LM's logits, computed without holding them whole (the
+    model's `next_token_log_probs`, over chunks of the vocabulary); a model without that
+    method (any module whose call returns logits) is scored from its logits."""
+    if not hasattr(model, "next_token_log_probs"):
+        return example_losses(model(batch.input_ids, batch.attention_mask), batch)
+    return response_losses(model.next_token_log_probs(batch.input_ids, batch.attention_mask), batch)
+
+
+def model_mean_loss(model, batch: Batch) -> jax.Array:
+    """`mean_loss` of a causal LM's logits, computed as `model_example_losses` is."""
+    return mean_over_examples(model_example_losses(model, batch), batch)
+
+
+def mean_over_examples(losses: jax.Array, batch: Batch) -> jax.Array:
+    """The mean of per-example losses [B] over the batch's real examples (a scalar)."""
     real = jnp.asarray(batch.example_mask, jnp.float32)
-    return jnp.sum(example_losses(logits, batch)) / jnp.maximum(jnp.sum(real), 1.0)
+    return jnp.sum(losses) / jnp.maximum(jnp.sum(real), 1.0)

@@ -343,6 +343,12 @@ def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
         "--no-remat", action="store_true", help="keep every layer's activations (no remat)"
     )
     plan.add_argument(
+        "--vocab-chunk",
+        type=int,
+        metavar="N",
+        help="width of the loss's vocabulary chunks (default: the models' 8192; 0: whole logits)",
+    )
+    plan.add_argument(
         "--device-memory",
         type=float,
         metavar="GIB",
@@ -388,6 +394,7 @@ def _plan(options) -> int:
         targets=tuple(t.strip() for t in options.targets.split(",") if t.strip()),
         dtype=options.dtype,
         remat=not options.no_remat,
+        **({} if options.vocab_chunk is None else {"vocab_chunk": options.vocab_chunk or None}),
     )
     if sizes is None:
         mesh = mesh_from_spec("auto")
@@ -443,16 +450,29 @@ def _add_mesh_argument(parser: argparse.ArgumentParser, *, batch: str = "the bat
         "'data=2,fsdp=4'; axes left out are 1), or 'auto' for every device on fsdp; "
         f"{batch} must be a multiple of data × fsdp (default: one device)",
     )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one of several processes (hosts) running this same command: join them "
+        "(jax.distributed, from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+        "or the cluster's environment) and run on one mesh over all their devices (--mesh "
+        "defaults to 'auto'); process 0 writes the files and the output",
+    )
 
 
 def _mesh(options, *, batch_size: int | None = None):
     """The mesh `--mesh` asks for, or None; a `batch_size` it cannot split is refused here,
-    before anything loads."""
-    if options.mesh is None:
+    before anything loads. With `--distributed`, this process first joins the others."""
+    if options.distributed:
+        from jaxunlearn import processes
+
+        processes.initialize()
+    spec = options.mesh or ("auto" if options.distributed else None)
+    if spec is None:
         return None
     from jaxunlearn.parallel import batch_shardings, mesh_from_spec
 
-    mesh = mesh_from_spec(options.mesh)
+    mesh = mesh_from_spec(spec)
     if batch_size is not None:
         batch_shardings(batch_size, mesh)
     return mesh
@@ -587,8 +607,9 @@ def _finetune(options) -> int:
     seconds = time.perf_counter() - start
     ledger = options.ledger or out / DEFAULT_LEDGER_NAME
     if adapter_dir.exists():  # a resumed run that had already finished
-        print(f"{adapter_dir} already holds the adapter of this run", file=sys.stderr)
-        register_adapter(adapter_dir, base_model=options.model, ledger=ledger)
+        if _writes_output():
+            print(f"{adapter_dir} already holds the adapter of this run", file=sys.stderr)
+            register_adapter(adapter_dir, base_model=options.model, ledger=ledger)
     else:
         provenance = Provenance.of_training(
             base_model=options.model,
@@ -631,9 +652,19 @@ def _finetune(options) -> int:
         "seconds": seconds,
         "mesh": None if mesh is None else dict(mesh.shape),
     }
-    (out / "training.json").write_text(json.dumps(finite(summary), indent=2, allow_nan=False))
-    print(json.dumps(finite(summary), indent=2, allow_nan=False))
+    if _writes_output():
+        text = json.dumps(finite(summary), indent=2, allow_nan=False)
+        (out / "training.json").write_text(text)
+        print(text)
     return 0
+
+
+def _writes_output() -> bool:
+    """Whether this process prints and writes reports: the only one, or the writer of
+    several (`--distributed`)."""
+    from jaxunlearn import processes
+
+    return processes.is_writer()
 
 
 def _unlearn(options) -> int:
@@ -665,6 +696,8 @@ def _unlearn(options) -> int:
         purge_stale=options.purge,
         placement=placement,
     )
+    if not _writes_output():
+        return 0
     report = sys.stderr if options.json else sys.stdout
     for note in outcome.notes:
         print(f"note: {note}", file=report)

@@ -10,8 +10,9 @@ Two curvatures, each in two forms:
 - `"gauss_newton"`: (1/n) Σ Jᵀ Λ J with Λ the softmax cross-entropy Hessian; positive
   semi-definite.
 - `fixed_curvature`: the mean over a chosen sample, linearized once per batch of the sample
-  (each product then costs about one gradient of the sample): deterministic, for CG, Lanczos
-  and a deterministic LiSSA.
+  (each product then costs about one gradient of the sample) or, where the linearizations
+  would not fit (`linearization_bytes`), recomputed batch by batch in every product:
+  deterministic, for CG, Lanczos and a deterministic LiSSA.
 - `stochastic_curvature`: `(v, key) ↦ C_B v` on a fresh uniformly drawn mini-batch B per
   product, an unbiased estimate of the mean over the whole dataset: for the stochastic
   quadratic solver and a stochastic LiSSA.
@@ -35,8 +36,14 @@ from flax import nnx
 
 import kernels
 from jaxunlearn import parallel
-from jaxunlearn.batch import Batch, mean_loss
-from jaxunlearn.models import split_lora
+from jaxunlearn.batch import (
+    Batch,
+    mean_loss,
+    mean_over_examples,
+    model_mean_loss,
+    response_losses,
+)
+from jaxunlearn.models import OutputHead, split_lora
 
 __all__ = [
     "CURVATURE_KINDS",
@@ -49,6 +56,7 @@ __all__ = [
     "jitted_cg",
     "jitted_lanczos",
     "jitted_lissa",
+    "linearization_bytes",
     "objective",
     "objective_gradient",
     "real_examples",
@@ -86,26 +94,51 @@ def objective(graphdef: nnx.GraphDef, /) -> Callable[[Tree, Tree, Batch], jax.Ar
         # built with `remat=True` otherwise fails: `nnx.remat` may not mutate Variables that a
         # merge without a copy shares with the outer trace (flax's TraceContextError).
         model = nnx.merge(graphdef, lora, base, copy=True)
-        return mean_loss(model(batch.input_ids, batch.attention_mask), batch)
+        return model_mean_loss(model, batch)
 
     return loss
 
 
+# Gauss-Newton's outputs are the final hidden states, not the logits. The output head is
+# frozen (LoRA never adapts it) and linear, logits = W h, so Jᵀ_logits Λ J_logits =
+# Jᵀ_h (Wᵀ Λ W) J_h: the same matrix, with Wᵀ Λ W the Hessian of the loss as a function of h.
+# That Hessian is applied through the loss's vocabulary chunks, so neither the [B, T, V] logits
+# nor their tangents exist whole. A model without a separate output head (any module whose
+# call returns logits) has its logits as the outputs, and `head` None.
+
+
 @functools.cache
-def _logits_function(graphdef: nnx.GraphDef, /) -> Callable[[Tree, Tree, Batch], jax.Array]:
-    """The model's float32 logits `logits(lora, base, batch)`, the outputs of Gauss-Newton."""
+def _outputs_function(graphdef: nnx.GraphDef, /) -> Callable[..., jax.Array]:
+    """`outputs(lora, base, head, batch)`: the hidden states the output head reads (the logits
+    when `head` is None) in float32 or wider, the outputs of Gauss-Newton."""
 
-    def logits(lora: Tree, base: Tree, batch: Batch) -> jax.Array:
+    def outputs(lora: Tree, base: Tree, head: OutputHead | None, batch: Batch) -> jax.Array:
         model = nnx.merge(graphdef, lora, base, copy=True)  # copy: as in `objective`
-        return model(batch.input_ids, batch.attention_mask).astype(jnp.float32)
+        if head is None:
+            values = model(batch.input_ids, batch.attention_mask)
+        else:
+            values = model.hidden_states(batch.input_ids, batch.attention_mask)
+        return values.astype(jnp.promote_types(values.dtype, jnp.float32))
 
-    return logits
+    return outputs
 
 
-def _loss_of_logits(logits: jax.Array, base: Tree, batch: Batch) -> jax.Array:
-    """The objective as a function of the logits: Gauss-Newton's `loss_fn(outputs, *args)`."""
+def _loss_of_outputs(
+    outputs: jax.Array, base: Tree, head: OutputHead | None, batch: Batch
+) -> jax.Array:
+    """The objective as a function of Gauss-Newton's outputs: its `loss_fn(outputs, *args)`."""
     del base  # an argument of the model only
-    return mean_loss(logits, batch)
+    if head is None:
+        return mean_loss(outputs, batch)
+    log_probs = head.next_token_log_probs(outputs, batch.input_ids)
+    return mean_over_examples(response_losses(log_probs, batch), batch)
+
+
+def _output_head(graphdef: nnx.GraphDef, lora: Tree, base: Tree) -> OutputHead | None:
+    """The frozen output head, the array `base` holds (no copy); None for a model without
+    one."""
+    model = nnx.merge(graphdef, lora, base)
+    return model.output_head() if hasattr(model, "output_head") else None
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -185,20 +218,23 @@ def fixed_curvature(
     /,
     *,
     kind: CurvatureKind = "hessian",
+    linearize: bool = True,
 ) -> Callable[[Tree], Tree]:
     """v ↦ C v for the curvature C of the mean objective over the real examples of `batches`.
 
     Each batch contributes in proportion to its number of real examples, so the result is the
-    mean over the whole sample however it was cut into batches. Each batch is linearized here,
-    once (`kernels.linearize_hvp` for the Hessian, `kernels.linearize_gnvp` for Gauss-Newton);
-    every product then reuses the linearizations (memory: the activations of every batch of
-    the sample are kept).
+    mean over the whole sample however it was cut into batches.
 
     Args:
         graphdef, lora, base: The model, split by `split_for_curvature`; the curvature is taken
             at `lora`.
         batches: The curvature sample.
         kind: `"hessian"` or `"gauss_newton"`.
+        linearize: True: each batch is linearized here, once (`kernels.linearize_hvp`,
+            `kernels.linearize_gnvp`), and every product reuses the linearizations; memory:
+            all of them at once (`linearization_bytes`). False: every product recomputes each
+            batch's from the model (`batch_product`), one batch after another; memory: one
+            batch's product, at the cost of a forward pass per batch and product.
 
     Returns:
         A deterministic symmetric operator on trees with the structure of `lora`.
@@ -209,25 +245,51 @@ def fixed_curvature(
     total = sum(counts)
     if total == 0:
         raise ValueError("fixed_curvature needs at least one real example in its sample.")
-    weights = [count / total for count in counts]
+    kept = [(batch, count / total) for batch, count in zip(batches, counts, strict=True) if count]
+    weights = tuple(weight for _, weight in kept)
+    # Pytrees (their leaves: saved linearizations, or the model and the batches): jitted
+    # solvers take them as arguments, so their arrays are inputs of the compiled loop rather
+    # than constants in it.
+    if not linearize:
+        products = _recomputed_products(graphdef, kind)
+        return jax.tree_util.Partial(products, lora, base, _stacked_by_shape(kept))
+    pieces = tuple(_linearization(graphdef, kind, lora, base, batch) for batch, _ in kept)
+    return jax.tree_util.Partial(_weighted_sum_of_products, pieces, weights)
+
+
+def linearization_bytes(
+    graphdef: nnx.GraphDef,
+    lora: Tree,
+    base: Tree,
+    batches: Sequence[Batch],
+    /,
+    *,
+    kind: CurvatureKind = "hessian",
+) -> int:
+    """The bytes `fixed_curvature(..., linearize=True)` keeps for `batches`, in all: every
+    batch's saved linearization, the copies of the weights it holds included. Computed on
+    abstract values (nothing is linearized), once per batch shape."""
+    _check_kind(kind)
+    by_shape: dict[tuple[int, ...], tuple[Batch, int]] = {}
+    for batch in batches:
+        if real_examples(batch):
+            shape = tuple(np.shape(batch.input_ids))
+            first, count = by_shape.get(shape, (batch, 0))
+            by_shape[shape] = (first, count + 1)
+    total = 0
+    for batch, count in by_shape.values():
+        saved = jax.eval_shape(functools.partial(_linearization, graphdef, kind), lora, base, batch)
+        total += count * sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(saved))
+    return total
+
+
+def _linearization(graphdef, kind: CurvatureKind, lora: Tree, base: Tree, batch: Batch):
     if kind == "hessian":
-        loss = objective(graphdef)
-        pieces = [
-            kernels.linearize_hvp(loss, lora, base, batch)
-            for batch, count in zip(batches, counts, strict=True)
-            if count
-        ]
-    else:
-        logits = _logits_function(graphdef)
-        pieces = [
-            kernels.linearize_gnvp(logits, _loss_of_logits, lora, base, batch)
-            for batch, count in zip(batches, counts, strict=True)
-            if count
-        ]
-    weights = [w for w in weights if w]
-    # A pytree (its leaves: every batch's saved linearization): jitted solvers take it as an
-    # argument, so its arrays are inputs of the compiled loop rather than constants in it.
-    return jax.tree_util.Partial(_weighted_sum_of_products, tuple(pieces), tuple(weights))
+        return kernels.linearize_hvp(objective(graphdef), lora, base, batch)
+    head = _output_head(graphdef, lora, base)
+    return kernels.linearize_gnvp(
+        _outputs_function(graphdef), _loss_of_outputs, lora, base, head, batch
+    )
 
 
 def _weighted_sum_of_products(pieces, weights, v: Tree) -> Tree:
@@ -235,6 +297,51 @@ def _weighted_sum_of_products(pieces, weights, v: Tree) -> Tree:
     for piece, weight in zip(pieces[1:], weights[1:], strict=True):
         result = kernels.tree_add_scaled(result, weight, piece(v))
     return result
+
+
+@functools.cache
+def _recomputed_products(graphdef: nnx.GraphDef, kind: CurvatureKind) -> Callable[..., Tree]:
+    """`(lora, base, groups, v) ↦ Σ weight · C_batch v`, each batch's product computed afresh
+    in a loop over the batches of each shape; one function per model and kind, so solvers
+    compiled for it are reused."""
+    product = batch_product(graphdef, kind)
+
+    def weighted(lora: Tree, base: Tree, groups, v: Tree) -> Tree:
+        def add_one(total, batch_and_weight):
+            batch, weight = batch_and_weight
+            return kernels.tree_add_scaled(total, weight, product(lora, base, batch, v)), None
+
+        # A loop rather than one product per batch written out: its body's buffers are
+        # reused from one batch to the next, so memory is one batch's product whatever the
+        # sample's size (written out, the compiler kept part of every batch's alive).
+        total = kernels.tree_zeros_like(v)
+        for stacked, weights in groups:
+            total, _ = jax.lax.scan(add_one, total, (stacked, weights))
+        return total
+
+    return weighted
+
+
+def _stacked_by_shape(kept: Sequence[tuple[Batch, float]]) -> tuple:
+    """((batches of one shape stacked on a new leading axis, their weights), ...)."""
+    groups: dict[tuple[int, ...], list[tuple[Batch, float]]] = {}
+    for batch, weight in kept:
+        groups.setdefault(tuple(np.shape(batch.input_ids)), []).append((batch, weight))
+    stacked = []
+    for members in groups.values():
+        batches = [batch for batch, _ in members]
+        stack = np.stack if all(_on_host(b) for b in batches) else jnp.stack
+        stacked.append(
+            (
+                jax.tree.map(lambda *leaves, stack=stack: stack(leaves), *batches),
+                np.asarray([weight for _, weight in members]),
+            )
+        )
+    return tuple(stacked)
+
+
+def _on_host(batch: Batch) -> bool:
+    return not any(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(batch))
 
 
 def stochastic_curvature(
@@ -291,12 +398,13 @@ def batch_product(graphdef: nnx.GraphDef, kind: CurvatureKind) -> Callable[..., 
     """
     _check_kind(kind)
     loss = objective(graphdef)
-    logits = _logits_function(graphdef)
+    outputs = _outputs_function(graphdef)
 
     def product(lora: Tree, base: Tree, batch: Batch, v: Tree) -> Tree:
         if kind == "hessian":
             return kernels.hvp(loss, lora, v, base, batch)
-        return kernels.gnvp(logits, _loss_of_logits, lora, v, base, batch)
+        head = _output_head(graphdef, lora, base)
+        return kernels.gnvp(outputs, _loss_of_outputs, lora, v, base, head, batch)
 
     # Compiled when called on its own; inside a jitted solver it is traced into the loop.
     return jax.jit(product)

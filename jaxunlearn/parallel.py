@@ -45,6 +45,7 @@ __all__ = [
     "replicated",
     "shard_model",
     "state_shardings",
+    "vocab_splits",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -451,3 +452,17 @@ def constrain_rows(x: jax.Array, /) -> jax.Array:
         return x
     spec, _ = _batch_axes(placement.mesh, placement.rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(placement.mesh, PartitionSpec(spec)))
+
+
+def vocab_splits(vocab_size: int, /) -> int:
+    """The number of devices the `activations_on` placement splits a vocabulary of this size
+    over (its rules for the logical axis `vocab`; 1 outside one, or when they do not divide
+    it)."""
+    placement = _ACTIVATIONS.get()
+    if placement is None:
+        return 1
+    spec = logical_to_mesh(
+        ("vocab",), mesh=placement.mesh, shape=(vocab_size,), rules=placement.rules
+    )[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(placement.mesh.shape[axis] for axis in axes)

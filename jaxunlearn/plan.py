@@ -33,7 +33,7 @@ import kernels
 from jaxunlearn import curvature, parallel, train
 from jaxunlearn.batch import Batch
 from jaxunlearn.errors import SettingsError
-from jaxunlearn.models import add_lora, from_config
+from jaxunlearn.models import VOCAB_CHUNK, add_lora, from_config
 
 __all__ = [
     "PROGRAMS",
@@ -72,6 +72,7 @@ class PlanSettings:
         dtype: The base model's dtype (`bfloat16` or `float32`); LoRA is float32 always.
         remat: Rematerialize each decoder layer in the backward passes.
         damping: λ of the CG step (a value; it does not change the program).
+        vocab_chunk: The width of the loss's vocabulary chunks (`None`: whole logits).
     """
 
     batch_size: int = 4
@@ -81,6 +82,7 @@ class PlanSettings:
     dtype: str = "bfloat16"
     remat: bool = True
     damping: float = 1e-3
+    vocab_chunk: int | None = VOCAB_CHUNK
 
     def __post_init__(self):
         for name in ("batch_size", "length", "rank"):
@@ -91,6 +93,11 @@ class PlanSettings:
             raise SettingsError(f"plan dtype must be bfloat16 or float32, got {self.dtype!r}.")
         if not self.targets:
             raise SettingsError("plan needs at least one LoRA target.")
+        chunk = self.vocab_chunk
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise SettingsError(
+                f"plan vocab_chunk must be a positive width or None, got {chunk!r}."
+            )
 
 
 class ProgramPlan(NamedTuple):
@@ -212,12 +219,14 @@ class Plan(NamedTuple):
 
     def table(self) -> str:
         """The programs as a Markdown table, per device, followed by the verdict."""
+        chunk = self.settings.vocab_chunk
+        vocabulary = "whole" if chunk is None else f"in chunks of {chunk}"
         rows = [
             f"{self.model}: {self.parameters / 1e9:.2f}B parameters, LoRA r={self.settings.rank} "
             f"on {', '.join(self.settings.targets)} ({self.lora_parameters / 1e6:.1f}M), "
             f"{self.settings.dtype}, batch {self.settings.batch_size} × {self.settings.length} "
-            f"tokens, remat {'on' if self.settings.remat else 'off'}; mesh {self.mesh}, "
-            f"compiled for {self.platform}.",
+            f"tokens, remat {'on' if self.settings.remat else 'off'}, vocabulary {vocabulary}; "
+            f"mesh {self.mesh}, compiled for {self.platform}.",
             "",
             "| program | arguments GiB | outputs GiB | temporaries GiB | peak GiB | TFLOPs | "
             "collectives |",
@@ -327,6 +336,7 @@ def plan(
             targets=settings.targets,
             key=jax.random.key(0),
         )
+        model.vocab_chunk = settings.vocab_chunk
         return model
 
     abstract_model = nnx.eval_shape(build)

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxunlearn import parallel
-from jaxunlearn.batch import Batch, example_losses, mean_loss
+from jaxunlearn.batch import Batch, model_example_losses, model_mean_loss
 from jaxunlearn.checkpoint import Checkpointer
 from jaxunlearn.data import DataError
 from jaxunlearn.errors import SettingsError, UserError
@@ -558,7 +558,7 @@ def _train_step(
         # Dropout keys are a function of (seed, step, micro-batch) only, so a resumed run draws
         # exactly the masks the uninterrupted run drew.
         nnx.reseed(model, dropout=key)
-        return mean_loss(model(batch.input_ids, batch.attention_mask), batch)
+        return model_mean_loss(model, batch)
 
     grad_fn = jax.value_and_grad(loss_fn)
     num_micro = batches.input_ids.shape[0]
@@ -664,7 +664,7 @@ def _eval_sums(
 ) -> tuple[jax.Array, jax.Array]:
     """The sum of the per-example losses of a batch and its number of real examples."""
     model = nnx.merge(graphdef, params, frozen)
-    losses = example_losses(model(batch.input_ids, batch.attention_mask), batch)
+    losses = model_example_losses(model, batch)
     return jnp.sum(losses), jnp.sum(jnp.asarray(batch.example_mask, jnp.float32))
 
 

@@ -24,6 +24,11 @@ def accumulation_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+# Jitted, so that a call outside jit is one program rather than one reduction per leaf: on the
+# CPU devices of several processes, reductions dispatched one after another without waiting
+# can run their cross-process collectives in different orders and deadlock (measured with
+# two processes of 4 devices; inside a jitted caller this changes nothing).
+@jax.jit
 def tree_vdot(left: PyTree, right: PyTree) -> jax.Array:
     """Inner product ⟨left, right⟩ summed over all leaves, accumulated in float32 or better."""
     products = jax.tree.map(_leaf_vdot, left, right)
@@ -42,6 +47,7 @@ def _leaf_vdot(left: jax.Array, right: jax.Array) -> jax.Array:
     return jnp.sum(jnp.conj(left.astype(dtype)) * right.astype(dtype))
 
 
+@jax.jit
 def tree_norm(tree: PyTree) -> jax.Array:
     """Euclidean norm of the whole tree, accumulated in float32 or better."""
     return jnp.sqrt(tree_vdot(tree, tree))

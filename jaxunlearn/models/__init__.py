@@ -16,11 +16,13 @@ from jaxunlearn.models._layers import KVCache
 from jaxunlearn.models._llama import LORA_TARGETS, LlamaForCausalLM
 from jaxunlearn.models._lora import LoRALinear, add_lora, join_lora, split_lora
 from jaxunlearn.models._opt import OPTConfig, OPTForCausalLM
+from jaxunlearn.models._output_head import VOCAB_CHUNK, OutputHead
 from jaxunlearn.models._peft import PeftFormatError, load_peft_adapter, save_peft_adapter
 from jaxunlearn.models._shipped import architecture_config, shipped_config_names
 
 __all__ = [
     "LORA_TARGETS",
+    "VOCAB_CHUNK",
     "CheckpointError",
     "GPT2Config",
     "GPT2LMHeadModel",
@@ -31,6 +33,7 @@ __all__ = [
     "ModelConfig",
     "OPTConfig",
     "OPTForCausalLM",
+    "OutputHead",
     "PeftFormatError",
     "RopeScaling",
     "UnsupportedConfigError",

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxunlearn import parallel
 from jaxunlearn.errors import SettingsError
+from jaxunlearn.models._output_head import VOCAB_CHUNK, OutputHead
 
 # transformers initialises every weight matrix with N(0, initializer_range = 0.02).
 INIT_STDDEV = 0.02
@@ -378,16 +379,46 @@ class CausalLMBase(nnx.Module):
             ValueError: On inconsistent shapes or, for a family with learned positions (GPT-2,
                 OPT), more tokens (cache slots included) than `config.max_position_embeddings`.
         """
+        hidden, new_cache = self._hidden_states(input_ids, attention_mask, positions, cache)
+        logits = self.output_head().logits(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    # The width of the vocabulary chunks of `next_token_log_probs` (None: whole). A model
+    # attribute, so that setting it on a model changes its graph's static structure, and with
+    # it every compiled function's cache key.
+    vocab_chunk: int | None = VOCAB_CHUNK
+
+    def hidden_states(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """The final hidden states [batch, length, width] that the output head reads: the
+        logits are `output_head().logits(hidden_states(...))`."""
+        return self._hidden_states(input_ids, attention_mask, None, None)[0]
+
+    def output_head(self) -> OutputHead:
+        """The output projection as stored (the token table when tied, else `lm_head`'s
+        kernel), cut into chunks of `vocab_chunk`."""
+        if self.lm_head is None:
+            return OutputHead(self._token_table(), vocab_axis=0, chunk=self.vocab_chunk)
+        return OutputHead(self.lm_head.kernel[...], vocab_axis=1, chunk=self.vocab_chunk)
+
+    def next_token_log_probs(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """log p(token t | tokens < t) for t = 1..T−1, [batch, length − 1] in float32, over
+        vocabulary chunks of `vocab_chunk` (`OutputHead.next_token_log_probs`), so that the
+        [batch, length, vocab] logits are never held whole."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return self.output_head().next_token_log_probs(hidden, input_ids)
+
+    def _hidden_states(self, input_ids, attention_mask, positions, cache):
         inputs = attention_inputs(
             input_ids, attention_mask, cache, context_limit=self.config.context_limit
         )
         if positions is None:
             positions = inputs.positions
-        token_table = self._token_table()
-        hidden = jnp.take(token_table, input_ids, axis=0)
-        hidden, new_cache = self._decode(hidden, positions, inputs, cache)
-        logits = hidden @ token_table.T if self.lm_head is None else self.lm_head(hidden)
-        return logits if cache is None else (logits, new_cache)
+        hidden = jnp.take(self._token_table(), input_ids, axis=0)
+        return self._decode(hidden, positions, inputs, cache)
 
     def _token_table(self) -> jax.Array:
         """The token embedding table [vocab, width], also the tied output projection."""

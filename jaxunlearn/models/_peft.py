@@ -29,9 +29,11 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxunlearn import processes
 from jaxunlearn.errors import UserError
 from jaxunlearn.models._families import CausalLM, family_of
 from jaxunlearn.models._lora import LoRALinear, attach_adapters, lora_modules, lora_sites
+from jaxunlearn.parallel import host_array
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -398,7 +400,9 @@ def save_peft_adapter(
     modules are written as `target_modules` suffixes (e.g. `["q_proj", "v_proj"]`) when those
     select exactly them, else as full module names; ranks and alphas that differ from the most
     common ones go to `rank_pattern`/`alpha_pattern`. Each file is written to a temporary name
-    and renamed, so a crash never leaves a half-written file under its final name.
+    and renamed, so a crash never leaves a half-written file under its final name. On
+    several processes, every process calls it (the adapter's arrays are gathered) and the
+    writer alone writes.
 
     Args:
         model: A model holding adapters (from `add_lora` or `load_peft_adapter`).
@@ -451,11 +455,13 @@ def save_peft_adapter(
     }
     tensors = {}
     for name, adapter in adapters.items():
-        lora_a = np.asarray(adapter.lora_a[...], np.float32)
-        lora_b = np.asarray(adapter.lora_b[...], np.float32)
+        # On several processes, a gather every process takes part in.
+        lora_a = host_array(adapter.lora_a[...]).astype(np.float32)
+        lora_b = host_array(adapter.lora_b[...]).astype(np.float32)
         tensors[f"{_KEY_PREFIX}{name}{_A_SUFFIX}"] = np.ascontiguousarray(lora_a.T)
         tensors[f"{_KEY_PREFIX}{name}{_B_SUFFIX}"] = np.ascontiguousarray(lora_b.T)
-
+    if not processes.is_writer():
+        return
     directory = os.fspath(path)
     os.makedirs(directory, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".save-", dir=directory)

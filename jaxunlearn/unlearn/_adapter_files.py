@@ -15,6 +15,7 @@ from typing import Any
 
 from flax import nnx
 
+from jaxunlearn import processes
 from jaxunlearn.adapter import (
     LoraSettings,
     load_lora,
@@ -117,6 +118,9 @@ def save_adapter_files(
 ) -> None:
     """Writes the model's adapter with its provenance to a new folder `path`.
 
+    On several processes every process calls it (the arrays span them all); orbax writes each
+    process's blocks, and the writer the rest.
+
     Raises:
         FileExistsError: If `path` exists.
         ValueError: If `save_format` is unknown, or jaxunlearn's format cannot describe the
@@ -127,8 +131,10 @@ def save_adapter_files(
         raise FileExistsError(f"{path} already exists; save the adapter to a new path.")
     if save_format == "peft":
         save_peft_adapter(model, path, base_model_name_or_path=peft_base_model)
-        sidecar = path / PEFT_PROVENANCE_FILE
-        sidecar.write_text(json.dumps(provenance.as_json(), indent=2, allow_nan=False) + "\n")
+        if processes.is_writer():
+            sidecar = path / PEFT_PROVENANCE_FILE
+            text = json.dumps(provenance.as_json(), indent=2, allow_nan=False)
+            sidecar.write_text(text + "\n")
         return
     if save_format != "jaxunlearn":
         raise ValueError(f"save_format must be one of {ADAPTER_FORMATS}, got {save_format!r}.")

@@ -18,7 +18,9 @@ of an id. Each line also carries an HMAC of itself chained to the previous line'
 edited, removed or reordered line is detected.
 
 `Ledger.lock()` serializes every writer of one ledger (POSIX `flock` on `<ledger>.lock`),
-so two requests on one lineage run one after the other and give a chain, not a fork.
+so two requests on one lineage run one after the other and give a chain, not a fork. The
+other processes of a program on several hosts read it through `Ledger.reader()`: they neither
+lock it (the writer holds the lock for the whole request) nor write it.
 """
 
 from __future__ import annotations
@@ -111,8 +113,9 @@ class Ledger:
         ...     ledger.append("root", adapter_digest=digest, adapter="run/adapter")
     """
 
-    def __init__(self, path: str | os.PathLike, /):
+    def __init__(self, path: str | os.PathLike, /, *, read_only: bool = False):
         self.path = os.path.abspath(os.fspath(path))
+        self.read_only = read_only
         self.key_path = self.path + ".key"
         self._lock_path = self.path + ".lock"
         self._key: bytes | None = None
@@ -121,15 +124,21 @@ class Ledger:
         self._last_mac = ""
 
     def __repr__(self) -> str:
-        return f"Ledger({self.path!r})"
+        return f"Ledger({self.path!r}{', read_only=True' if self.read_only else ''})"
+
+    def reader(self) -> Ledger:
+        """The same ledger for a process that only reads it: `lock()` does nothing (the
+        writing process holds the lock), and writing, or creating the key, is an error."""
+        return Ledger(self.path, read_only=True)
 
     def exists(self) -> bool:
         return os.path.exists(self.path)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[Ledger]:
-        """Holds the ledger's exclusive lock (re-entrant within one process)."""
-        if self._locked:
+        """Holds the ledger's exclusive lock (re-entrant within one process); a reader's
+        does nothing."""
+        if self._locked or self.read_only:
             self._locked += 1
             try:
                 yield self
@@ -154,6 +163,7 @@ class Ledger:
 
     def ensure_exists(self) -> str:
         """Creates the ledger (its header and key) when it does not exist; returns its id."""
+        self._check_writable()
         with self.lock():
             header = self._read()[0]
             if header is not None:
@@ -186,7 +196,7 @@ class Ledger:
         """
         message = json.dumps([purpose, value], ensure_ascii=False).encode()
         with self.lock():  # A key created here must not race another process creating it.
-            key = self._secret(create=True)
+            key = self._secret(create=not self.read_only)
         return hmac.new(key, message, hashlib.sha256).hexdigest()
 
     def records(self) -> list[Record]:
@@ -213,6 +223,7 @@ class Ledger:
             ValueError: If `fields` is not JSON-serializable with finite numbers.
             LedgerError: If the ledger cannot be read.
         """
+        self._check_writable()
         if record_type not in RECORD_TYPES:
             raise ValueError(f"record type must be one of {RECORD_TYPES}, got {record_type!r}.")
         fields = _json_object(fields)
@@ -250,6 +261,10 @@ class Ledger:
             if is_new_file:
                 _fsync_directory(os.path.dirname(self.path))
         return _record_of(json.loads(line))
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise RuntimeError(f"{self!r} is read-only: only the writing process writes it.")
 
     # Reading and sealing.
 

@@ -15,6 +15,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from jaxunlearn import processes
 from jaxunlearn.data import json_line
 from jaxunlearn.errors import UserError
 from jaxunlearn.parallel import ONE_DEVICE, Placement
@@ -133,7 +134,9 @@ def _source_digests(provenance: Provenance) -> dict[str, str]:
 
 def _append_root(
     ledger: Ledger, path: str, digest: str, provenance: Provenance, *, sources=None
-) -> Record:
+) -> Record | None:
+    if ledger.read_only:
+        return None  # Another process, the writer, appends the same record.
     return ledger.append(
         "root",
         adapter=path,
@@ -186,14 +189,18 @@ def save_root_adapter(
     """Writes a fine-tune's adapter as the root of a new lineage and registers it.
 
     The adapter's provenance names the ledger (created when missing), and the ledger records
-    the adapter's digest, so a request on a changed copy of it is refused.
+    the adapter's digest, so a request on a changed copy of it is refused. On several
+    processes every process calls it; the writer creates and writes the ledger.
 
     Returns:
         The ledger.
     """
     chosen = Ledger(ledger)
-    provenance = provenance.replace(ledger={"id": chosen.ensure_exists(), "path": chosen.path})
-    save_adapter_files(
+    if processes.is_writer():
+        chosen.ensure_exists()
+    processes.sync("jaxunlearn: root ledger created")
+    provenance = provenance.replace(ledger={"id": chosen.id, "path": chosen.path})
+    save_adapter_files(  # every process: the arrays may span them all
         model,
         path,
         save_format=save_format,
@@ -202,7 +209,10 @@ def save_root_adapter(
         description=description,
         peft_base_model=peft_base_model,
     )
-    return register_adapter(path, base_model=base_model, ledger=chosen.path)
+    if processes.is_writer():
+        register_adapter(path, base_model=base_model, ledger=chosen.path)
+    processes.sync("jaxunlearn: root adapter registered")
+    return chosen
 
 
 def _unverified_provenance(opened: OpenAdapter, sources: Sources) -> Provenance:

@@ -328,6 +328,7 @@ class _Request:
                 batch_size=curv.batch_size,
                 left_out=self.left_out,
                 placement=self.placement,
+                linearization_budget_gib=curv.linearization_budget_gib,
             )
         return SolveInputs(
             settings=settings,

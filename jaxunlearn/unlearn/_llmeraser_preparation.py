@@ -104,12 +104,20 @@ class EraserPreparation:
         batch_size: int,
         left_out: Sequence[int] | np.ndarray = (),
         placement: Placement = ONE_DEVICE,
+        linearization_budget_gib: float = math.inf,
     ):
-        """v ↦ Cv over `curvature_sample(left_out)`, linearized here (a new one each call)."""
+        """v ↦ Cv over `curvature_sample(left_out)` (a new one each call): linearized here
+        when the linearizations take at most `linearization_budget_gib` per device (their
+        total over the placement's devices), else recomputed batch by batch per product."""
         batches = length_sorted_batches(
             data, self.curvature_sample(left_out), batch_size, placement=placement
         )
-        return curvature.fixed_curvature(graphdef, lora, base, batches, kind=kind)
+        saved = curvature.linearization_bytes(graphdef, lora, base, batches, kind=kind)
+        devices = 1 if placement.mesh is None else placement.mesh.size
+        linearize = saved / devices <= linearization_budget_gib * 2**30
+        return curvature.fixed_curvature(
+            graphdef, lora, base, batches, kind=kind, linearize=linearize
+        )
 
 
 def preparation_key(settings: EraserSettings, /) -> dict[str, Any]:
@@ -190,6 +198,7 @@ def prepare(
             kind=curv.kind,
             batch_size=curv.batch_size,
             placement=placement,
+            linearization_budget_gib=curv.linearization_budget_gib,
         )
         if rank is not None:
             # One Lanczos run gives both the eigenbasis and the spectrum estimate.

@@ -60,6 +60,11 @@ class CurvatureSettings:
             curvature of the objective after the request, at which the influence of a removed
             group is better estimated (Koh et al. 2019, Basu et al. 2020). Not available with
             `lowrank`, whose eigenbasis is prepared before any request.
+        linearization_budget_gib: The memory per device the fixed sample's linearizations may
+            take: within it each batch is linearized once and every product reuses it; beyond
+            it every product recomputes each batch's, one batch at a time, so that memory is
+            bounded by one batch (the same operator, at a forward pass more per batch and
+            product). 0 always recomputes.
     """
 
     kind: CurvatureKind = dataclasses.field(default="gauss_newton", metadata={"flag": "curvature"})
@@ -70,6 +75,7 @@ class CurvatureSettings:
     batch_size: int = 8
     spectrum_steps: int = 20
     leave_out_request: bool = True
+    linearization_budget_gib: float = 4.0
 
     def __post_init__(self):
         if self.kind not in CURVATURE_KINDS:
@@ -85,6 +91,11 @@ class CurvatureSettings:
         for name in ("sample_size", "batch_size", "spectrum_steps"):
             _check_positive_int(name, getattr(self, name))
         _check_bool("leave_out_request", self.leave_out_request)
+        budget = self.linearization_budget_gib
+        if not (_is_real(budget) and math.isfinite(budget) and budget >= 0):
+            raise SettingsError(
+                f"linearization_budget_gib must be a finite number of GiB >= 0, got {budget!r}."
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,12 @@ In order, under the ledger's lock (so two requests on one lineage make a chain, 
    request worse on a held sample.
 8. Save and record as one transaction (`_transaction`), then list (or purge) what still
    holds the removed data.
+
+On several processes (the hosts of a pod, `jax.distributed`), every process calls
+`apply_request` with the same arguments and takes part in every computation and save; the
+writer (process 0) alone holds the lock, recovers, registers and records, and the others read
+the ledger only once the writer is done with each step (`processes.sync`). All of them return
+the same outcome.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any
 
 from flax import nnx
 
+from jaxunlearn import processes
 from jaxunlearn._strict_json import finite
 from jaxunlearn.data import (
     DEFAULT_BUCKETS,
@@ -75,7 +82,7 @@ from jaxunlearn.unlearn._method import (
 )
 from jaxunlearn.unlearn._outcome_checks import NoEffectError, ObjectiveWorsenedError, check_outcome
 from jaxunlearn.unlearn._requests import Request, ResolvedRequest, resolve_request
-from jaxunlearn.unlearn._stale import StaleCopy, purge, stale_copies
+from jaxunlearn.unlearn._stale import StaleCopy, deletable, purge, stale_copies
 from jaxunlearn.unlearn._transaction import (
     fault_point,
     recover,
@@ -230,12 +237,19 @@ def apply_request(
     out = pathlib.Path(os.path.abspath(os.fspath(out)))
     opened = open_adapter(adapter, sources.base_model, placement=placement)
     ledger = ledger_for(opened, ledger)
+    writer = processes.is_writer()
+    ledger = ledger if writer else ledger.reader()
     notes: list[str] = []
     # On a mesh, the method's programs keep activations' rows on their devices as traced.
     with ledger.lock(), activations_on(placement):
-        recover(ledger, log=log)
+        if writer:
+            recover(ledger, log=log)
+        processes.sync("jaxunlearn: ledger recovered")
+        # Every process: the adapter's digest gathers its arrays (a reader's registration of
+        # a new adapter is the writer's).
+        digest = identify(opened, ledger, ledger.records(), sources, skip_checks, notes)
+        processes.sync("jaxunlearn: adapter identified")
         records = ledger.records()
-        digest = identify(opened, ledger, records, sources, skip_checks, notes)
         head, digest = lineage_head(opened, digest, records, sources, branch, notes, placement)
         provenance = head.provenance
         assert provenance is not None
@@ -306,7 +320,11 @@ def apply_request(
         stale = stale_copies(ledger.records(), result.adapter_digest, sources)
         purged: tuple[str, ...] = ()
         if purge_stale:
-            purged = purge(stale)
+            purged = deletable(stale)
+            processes.sync("jaxunlearn: stale copies listed")
+            if writer:
+                purge(stale)
+            processes.sync("jaxunlearn: stale copies purged")
             stale = ()
         return dataclasses.replace(
             result,
@@ -457,8 +475,11 @@ def _save_and_record(
         if name not in ("format", "lora", "provenance", "example_ids", "train_config")
     }
     staged = staging_path(out)
-    remove_stale_staging(out, ledger.records())
-    save_adapter_files(
+    writer = processes.is_writer()
+    if writer:
+        remove_stale_staging(out, ledger.records())
+    processes.sync("jaxunlearn: staging cleared")
+    save_adapter_files(  # every process: the arrays span them all
         new_model,
         staged,
         save_format=save_format,
@@ -467,36 +488,30 @@ def _save_and_record(
         description=description,
         peft_base_model=head.peft_base_model or provenance.base_model["path"],
     )
-    new_digest = adapter_digest(new_model, new_provenance)
-    fault_point("staged")
-    intent = ledger.append(
-        "intent",
-        parent=parent_digest,
-        parent_path=head.path,
-        adapter=os.fspath(out),
-        adapter_digest=new_digest,
-        staged=os.fspath(staged),
-        staged_sha256=file_sha256(staged),
-        request_key=key,
-        fingerprint=fingerprint,
-        id_hashes=keyed_ids,
-        kind=resolved.kind,
-        num_examples=len(resolved.affected),
-        method=method.name,
-        settings=finite(_settings_json(settings)),
-        approximate=bool(outcome.approximate),
-        converged=outcome.converged,
-        figures=finite(dict(figures)),
-        preparation=None if preparation is None else os.path.abspath(preparation),
-        adapter_format=save_format,
-    )
-    if intent.sequence != sequence:
-        raise RuntimeError("The ledger changed while its lock was held.")
-    fault_point("intent")
-    os.rename(staged, out)
-    fault_point("renamed")
-    ledger.append("commit", intent=intent.sequence)
-    fault_point("committed")
+    new_digest = adapter_digest(new_model, new_provenance)  # every process: a gather
+    if writer:
+        _commit(
+            ledger,
+            sequence,
+            parent=parent_digest,
+            parent_path=head.path,
+            adapter=os.fspath(out),
+            adapter_digest=new_digest,
+            staged=os.fspath(staged),
+            request_key=key,
+            fingerprint=fingerprint,
+            id_hashes=keyed_ids,
+            kind=resolved.kind,
+            num_examples=len(resolved.affected),
+            method=method.name,
+            settings=finite(_settings_json(settings)),
+            approximate=bool(outcome.approximate),
+            converged=outcome.converged,
+            figures=finite(dict(figures)),
+            preparation=None if preparation is None else os.path.abspath(preparation),
+            adapter_format=save_format,
+        )
+    processes.sync("jaxunlearn: request committed")
     return RequestOutcome(
         applied=True,
         adapter=os.fspath(out),
@@ -505,12 +520,26 @@ def _save_and_record(
         kind=resolved.kind,
         num_examples=len(resolved.affected),
         method=method.name,
-        record=intent.sequence,
+        record=sequence,
         approximate=bool(outcome.approximate),
         figures=finite(dict(figures)),
         message=outcome.message,
         ledger=ledger.path,
     )
+
+
+def _commit(ledger, sequence: int, /, **intent) -> None:
+    """The writer's transaction: intent (with the staged files' digest), rename, commit."""
+    staged, out = intent["staged"], intent["adapter"]
+    fault_point("staged")
+    record = ledger.append("intent", **intent, staged_sha256=file_sha256(staged))
+    if record.sequence != sequence:
+        raise RuntimeError("The ledger changed while its lock was held.")
+    fault_point("intent")
+    os.rename(staged, out)
+    fault_point("renamed")
+    ledger.append("commit", intent=record.sequence)
+    fault_point("committed")
 
 
 def _settings_json(settings) -> dict[str, Any]:

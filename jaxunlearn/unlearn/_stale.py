@@ -95,18 +95,20 @@ def stale_copies(records: Sequence[Record], digest: str, sources) -> list[StaleC
     return _unique(copies)
 
 
+def deletable(copies: Sequence[StaleCopy], /) -> tuple[str, ...]:
+    """The paths `purge` would delete: the purgeable copies that exist."""
+    return tuple(copy.path for copy in copies if copy.purgeable and os.path.exists(copy.path))
+
+
 def purge(copies: Sequence[StaleCopy], /) -> tuple[str, ...]:
     """Deletes every purgeable copy; returns the paths deleted."""
-    deleted = []
-    for copy in copies:
-        if not copy.purgeable or not os.path.exists(copy.path):
-            continue
-        if os.path.isdir(copy.path):
-            shutil.rmtree(copy.path)
+    deleted = deletable(copies)
+    for path in deleted:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
         else:
-            os.remove(copy.path)
-        deleted.append(copy.path)
-    return tuple(deleted)
+            os.remove(path)
+    return deleted
 
 
 def _checkpoints_of(by_digest, digest) -> str | None:

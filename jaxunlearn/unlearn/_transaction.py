@@ -19,8 +19,8 @@ import os
 import pathlib
 import shutil
 import signal
-import uuid
 
+from jaxunlearn.processes import shared_random_hex
 from jaxunlearn.unlearn._digests import file_sha256
 from jaxunlearn.unlearn._ledger import Ledger, Record
 
@@ -38,9 +38,10 @@ def fault_point(name: str, /) -> None:
 
 
 def staging_path(destination: str | os.PathLike, /) -> pathlib.Path:
-    """A fresh staging folder name beside `destination` (hidden, never a final name)."""
+    """A fresh staging folder name beside `destination` (hidden, never a final name), the
+    same on every process (they all call it together)."""
     destination = pathlib.Path(destination)
-    return destination.parent / f".{destination.name}{_STAGING_MARK}{uuid.uuid4().hex[:12]}"
+    return destination.parent / f".{destination.name}{_STAGING_MARK}{shared_random_hex(6)}"
 
 
 def open_intents(records: list[Record]) -> list[Record]:

@@ -223,3 +223,56 @@ def test_lanczos_of_the_operator_is_a_kernels_call():
     np.testing.assert_allclose(
         dense.to_flat(solution.x), reference, rtol=0, atol=RTOL * np.abs(reference).max()
     )
+
+
+def _nbytes(tree) -> int:
+    """The bytes of a tree's arrays (its Python numbers, the operators' weights, aside)."""
+    arrays = [leaf for leaf in jax.tree.leaves(tree) if hasattr(leaf, "dtype")]
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in arrays)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "gauss_newton"])
+def test_the_operator_recomputed_per_product_is_the_linearized_one(kind):
+    model, data, graphdef, lora, base = _setup(0)
+    dense = DenseObjective(model, data)
+    batches = _batches(data, np.arange(len(data)), batch_size=4)
+    linearized = curvature.fixed_curvature(graphdef, lora, base, batches, kind=kind)
+    recomputed = curvature.fixed_curvature(
+        graphdef, lora, base, batches, kind=kind, linearize=False
+    )
+    want = _operator_matrix(linearized, dense)
+    got = _operator_matrix(recomputed, dense)
+    # Both are the dense matrix to the accuracy the model computes in (its attention softmax
+    # is float32 whatever the dtype), and so each other: the same products in other orders.
+    reference = dense.hessian() if kind == "hessian" else dense.gauss_newton()
+    scale = np.abs(reference).max()
+    assert np.abs(got - reference).max() <= RTOL * scale
+    assert np.abs(got - want).max() <= 1e-6 * scale
+    # What each keeps: every batch's linearization (linearization_bytes says how much), or
+    # the model, the batches and their weights only.
+    saved = curvature.linearization_bytes(graphdef, lora, base, batches, kind=kind)
+    assert _nbytes(linearized) == saved
+    assert _nbytes(recomputed) == _nbytes((lora, base, batches, np.ones(len(batches))))
+    assert saved > 2 * _nbytes((lora, base, batches))
+
+
+def test_memory_of_the_recomputed_operator_is_bounded_by_one_batch():
+    """Compiled products over 1 and 6 batches: the linearizations' memory grows with the
+    sample, the recomputed operator's does not (read from the compiled memory analysis)."""
+    _, data, graphdef, lora, base = _setup(0)
+    # One shape for every batch (the same rows, as separate arrays): only their number differs.
+    batches = [data.batch([0, 1]) for _ in range(6)]
+
+    def memory(count: int, linearize: bool) -> int:
+        operator = curvature.fixed_curvature(
+            graphdef, lora, base, batches[:count], kind="gauss_newton", linearize=linearize
+        )
+        analysis = jax.jit(lambda op, v: op(v)).lower(operator, lora).compile().memory_analysis()
+        return analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+
+    # Recomputed: five more batches as arguments, and the temporaries of one batch's product
+    # (a loop body whose buffers every batch reuses).
+    one, six = memory(1, linearize=False), memory(6, linearize=False)
+    assert six <= 1.05 * one + 5 * _nbytes(batches[0])
+    # Linearized: every batch's residuals are arguments.
+    assert memory(6, linearize=True) >= 4 * memory(1, linearize=True)

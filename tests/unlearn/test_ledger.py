@@ -491,3 +491,29 @@ def test_a_ledger_cut_short_while_being_created_is_rewritten(tmp_path):
         warnings.simplefilter("ignore", RuntimeWarning)
         reopened.append("root", adapter="a", adapter_digest="0" * 64)
     assert [record.type for record in Ledger(path).records()] == ["root"]
+
+
+def test_a_reader_reads_what_the_writer_wrote_and_writes_nothing(tmp_path):
+    # The view every process but the writer has of a ledger in a multi-process request.
+    path = tmp_path / "ledger.jsonl"
+    writer = _ledger_with(path, 2)
+    reader = writer.reader()
+    assert reader.read_only
+    assert not writer.read_only
+    assert reader.records() == writer.records()
+    assert reader.keyed("z1", purpose="id") == writer.keyed("z1", purpose="id")
+    before = path.read_bytes()
+    with writer.lock(), reader.lock():  # the writer's lock does not block a reader
+        with pytest.raises(RuntimeError, match="read-only"):
+            reader.append("intent", n=2)
+        with pytest.raises(RuntimeError, match="read-only"):
+            reader.ensure_exists()
+    assert path.read_bytes() == before
+
+
+def test_a_reader_of_a_ledger_not_yet_created_never_creates_its_key(tmp_path):
+    reader = Ledger(tmp_path / "ledger.jsonl").reader()
+    assert reader.records() == []
+    with pytest.raises(LedgerError, match="missing"):
+        reader.keyed("z1", purpose="id")
+    assert sorted(tmp_path.iterdir()) == []

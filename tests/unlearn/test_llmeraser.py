@@ -137,16 +137,18 @@ def _removal_reference(
 
 
 @pytest.mark.parametrize(
-    ("curvature_kind", "mode"),
+    ("curvature_kind", "mode", "budget"),
     [
         # The Hessian's products are checked against the dense Hessian in test_curvature.py,
         # and its solve path is the Gauss-Newton one: this case runs with -m slow.
-        pytest.param("hessian", "influence", marks=pytest.mark.slow),
-        ("gauss_newton", "influence"),
-        ("gauss_newton", "newton"),
+        pytest.param("hessian", "influence", 4.0, marks=pytest.mark.slow),
+        ("gauss_newton", "influence", 4.0),
+        ("gauss_newton", "newton", 4.0),
+        # No memory for linearizations: every product recomputes each batch's.
+        ("gauss_newton", "influence", 0.0),
     ],
 )
-def test_removal_update_equals_the_dense_solve(curvature_kind, mode):
+def test_removal_update_equals_the_dense_solve(curvature_kind, mode, budget):
     model = tiny_lora_model(seed=0, dtype=jnp.float64)
     examples, data = random_examples(NUM_EXAMPLES)
     snapshot = _snapshot(model)
@@ -154,7 +156,9 @@ def test_removal_update_equals_the_dense_solve(curvature_kind, mode):
     damping = 1.0 if curvature_kind == "hessian" else 0.05
     dense, reference = _removal_reference(model, data, curvature_kind, damping, mode)
     before = _lora_flat(model, dense)
-    settings = _exact(mode=mode, kind=curvature_kind, damping=damping)
+    settings = _exact(
+        mode=mode, kind=curvature_kind, damping=damping, linearization_budget_gib=budget
+    )
     outcome, _ = _unlearn(
         model, examples, data, Removal(FORGET), settings, warm_up=mode == "newton"
     )
@@ -416,6 +420,8 @@ def test_settings_are_checked():
         (lambda: CurvatureSettings(sample_size=2.5), "sample_size"),
         (lambda: CurvatureSettings(batch_size=True), "batch_size"),
         (lambda: CurvatureSettings(leave_out_request="yes"), "leave_out_request"),
+        (lambda: CurvatureSettings(linearization_budget_gib=-1.0), "linearization_budget"),
+        (lambda: CurvatureSettings(linearization_budget_gib=None), "linearization_budget"),
         (lambda: CGConfig(tol=0.0), "tol"),
         (lambda: LissaConfig(scale_margin=0.5), "scale_margin"),
         (lambda: SGDConfig(learning_rate=-1.0), "learning_rate"),
