@@ -1,6 +1,6 @@
 """One process of `jaxunlearn unlearn --distributed` run as two processes on one mesh.
 
-Run by `test_sharded_request.py` as two processes of 4 fake CPU devices each (JAX's CPU
+Run by `test_two_process_request.py` as two processes of 4 fake CPU devices each (JAX's CPU
 collectives between them), the way a pod's hosts each run the same command: the cluster comes
 from the environment variables a launcher sets, and the mesh spans both processes. Each
 process writes what the command printed on stdout and its exit status to ROOT.
