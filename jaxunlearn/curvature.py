@@ -246,7 +246,6 @@ def fixed_curvature(
     if total == 0:
         raise ValueError("fixed_curvature needs at least one real example in its sample.")
     kept = [(batch, count / total) for batch, count in zip(batches, counts, strict=True) if count]
-    weights = tuple(weight for _, weight in kept)
     # Pytrees (their leaves: saved linearizations, or the model and the batches): jitted
     # solvers take them as arguments, so their arrays are inputs of the compiled loop rather
     # than constants in it.
@@ -254,6 +253,7 @@ def fixed_curvature(
         products = _recomputed_products(graphdef, kind)
         return jax.tree_util.Partial(products, lora, base, _stacked_by_shape(kept))
     pieces = tuple(_linearization(graphdef, kind, lora, base, batch) for batch, _ in kept)
+    weights = tuple(weight for _, weight in kept)
     return jax.tree_util.Partial(_weighted_sum_of_products, pieces, weights)
 
 
@@ -327,21 +327,13 @@ def _stacked_by_shape(kept: Sequence[tuple[Batch, float]]) -> tuple:
     groups: dict[tuple[int, ...], list[tuple[Batch, float]]] = {}
     for batch, weight in kept:
         groups.setdefault(tuple(np.shape(batch.input_ids)), []).append((batch, weight))
-    stacked = []
-    for members in groups.values():
-        batches = [batch for batch, _ in members]
-        stack = np.stack if all(_on_host(b) for b in batches) else jnp.stack
-        stacked.append(
-            (
-                jax.tree.map(lambda *leaves, stack=stack: stack(leaves), *batches),
-                np.asarray([weight for _, weight in members]),
-            )
+    return tuple(
+        (
+            jax.tree.map(lambda *leaves: jnp.stack(leaves), *[batch for batch, _ in members]),
+            np.asarray([weight for _, weight in members]),
         )
-    return tuple(stacked)
-
-
-def _on_host(batch: Batch) -> bool:
-    return not any(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(batch))
+        for members in groups.values()
+    )
 
 
 def stochastic_curvature(

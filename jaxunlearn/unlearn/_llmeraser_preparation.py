@@ -112,9 +112,11 @@ class EraserPreparation:
         batches = length_sorted_batches(
             data, self.curvature_sample(left_out), batch_size, placement=placement
         )
-        saved = curvature.linearization_bytes(graphdef, lora, base, batches, kind=kind)
-        devices = 1 if placement.mesh is None else placement.mesh.size
-        linearize = saved / devices <= linearization_budget_gib * 2**30
+        linearize = linearization_budget_gib > 0
+        if 0 < linearization_budget_gib < math.inf:  # else the answer needs no measuring
+            saved = curvature.linearization_bytes(graphdef, lora, base, batches, kind=kind)
+            devices = 1 if placement.mesh is None else placement.mesh.size
+            linearize = saved / devices <= linearization_budget_gib * 2**30
         return curvature.fixed_curvature(
             graphdef, lora, base, batches, kind=kind, linearize=linearize
         )
