@@ -259,7 +259,6 @@ def _save_original(model, path, ledger, assets, examples, data, config, demo):
         model,
         path,
         provenance=assets.training_provenance(examples, data, config),
-        base_model=assets.model_dir,
         ledger=ledger.path,
         lora_settings=demo.lora_settings(),
     )

@@ -306,6 +306,7 @@ def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
         help="print only the figures as JSON to stdout (per-example values stay in report.json)",
     )
     demo.add_argument("--no-progress", action="store_true")
+    _add_mesh_argument(demo, batch="every batch size of the recipe (8, 32, 64)", distributed=False)
     demo.set_defaults(run=_demo)
 
     plan = commands.add_parser(
@@ -442,7 +443,9 @@ def _columns(options) -> dict[str, str]:
     )
 
 
-def _add_mesh_argument(parser: argparse.ArgumentParser, *, batch: str = "the batch size") -> None:
+def _add_mesh_argument(
+    parser: argparse.ArgumentParser, *, batch: str = "the batch size", distributed: bool = True
+) -> None:
     parser.add_argument(
         "--mesh",
         metavar="SPEC",
@@ -450,6 +453,9 @@ def _add_mesh_argument(parser: argparse.ArgumentParser, *, batch: str = "the bat
         "'data=2,fsdp=4'; axes left out are 1), or 'auto' for every device on fsdp; "
         f"{batch} must be a multiple of data × fsdp (default: one device)",
     )
+    if not distributed:
+        parser.set_defaults(distributed=False)
+        return
     parser.add_argument(
         "--distributed",
         action="store_true",
@@ -609,7 +615,8 @@ def _finetune(options) -> int:
     if adapter_dir.exists():  # a resumed run that had already finished
         if _writes_output():
             print(f"{adapter_dir} already holds the adapter of this run", file=sys.stderr)
-            register_adapter(adapter_dir, base_model=options.model, ledger=ledger)
+        # Every process: the adapter is read back together, and the writer records it.
+        register_adapter(adapter_dir, base_model=options.model, ledger=ledger)
     else:
         provenance = Provenance.of_training(
             base_model=options.model,
@@ -633,7 +640,6 @@ def _finetune(options) -> int:
             model,
             adapter_dir,
             provenance=provenance,
-            base_model=options.model,
             ledger=ledger,
             save_format=options.save_format,
             lora_settings=settings,
@@ -734,8 +740,10 @@ def _request(options):
 
 def _demo(options) -> int:
     from jaxunlearn.demo import DemoSettings, run_demo, summary_table
+    from jaxunlearn.parallel import Placement
 
     settings = DemoSettings() if options.seed is None else DemoSettings(seed=options.seed)
+    placement = Placement(_mesh(options))
     out = pathlib.Path(options.out)
     if options.json:
         # stdout carries the JSON alone; progress bars already go to stderr.
@@ -749,6 +757,7 @@ def _demo(options) -> int:
         cache_dir=options.cache_dir,
         progress=not options.no_progress,
         log=log,
+        placement=placement,
     )
     if options.json:
         headline = {key: value for key, value in figures.items() if key != "per_example"}

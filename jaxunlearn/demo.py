@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxunlearn import curvature
+from jaxunlearn import curvature, parallel
 from jaxunlearn._strict_json import strict_dumps
 from jaxunlearn.adapter import LoraSettings, attach_lora
 from jaxunlearn.data import tokenize_examples
@@ -65,6 +65,9 @@ from jaxunlearn.unlearn import (
 __all__ = ["MODELS", "DemoSettings", "run_demo"]
 
 MODELS = ("original", "unlearned", "retrained")
+# Rows per forward pass when scoring, and prompts decoded at once when extracting PII.
+EVALUATION_BATCH_SIZE = 32
+GENERATION_BATCH_SIZE = 64
 SCORED_TOKENS = "response tokens, end-of-sequence token included; prompt tokens never scored"
 
 
@@ -136,12 +139,27 @@ def run_demo(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    placement: parallel.Placement = parallel.ONE_DEVICE,
 ) -> dict[str, Any]:
     """Runs the demo and writes its report to `output_dir` (created; may exist).
 
+    Args:
+        output_dir: The report folder.
+        settings: The recipe.
+        cache_dir: Where the embedded default is built and cached (the default cache if None).
+        progress: Show progress bars.
+        log: Called with each progress message.
+        placement: Where every model of the demo lives: on a mesh, the fine-tune, the request,
+            the retrain and every evaluation run there, with each batch's rows split over its
+            batch axes (which must divide every batch size of the recipe).
+
     Returns:
         Every figure of the report (what `report.json` holds).
+
+    Raises:
+        SettingsError: If the placement's batch axes do not divide a batch size of the recipe.
     """
+    _check_batch_sizes(settings, placement)
     started = time.perf_counter()
     output = pathlib.Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -174,7 +192,14 @@ def run_demo(
         f"Fine-tuning LoRA r={lora.rank} on {len(lora.targets)} projections, "
         f"{config.num_steps} steps..."
     )
-    original = finetune(nnx.clone(initial), data, config=config, progress=progress)
+    original = finetune(
+        nnx.clone(initial),
+        data,
+        config=config,
+        progress=progress,
+        mesh=placement.mesh,
+        rules=placement.rules,
+    )
     finetune_seconds = original.history.wall_seconds - original.history.compile_seconds
     original_model = original.model
 
@@ -187,7 +212,6 @@ def run_demo(
         original_model,
         lineage / "original",
         provenance=provenance,
-        base_model=assets.model_dir,
         ledger=lineage / DEFAULT_LEDGER_NAME,
         lora_settings=lora,
     )
@@ -204,17 +228,23 @@ def run_demo(
         ledger=ledger.path,
         preparation=lineage / "preparation",
         log=log,
+        placement=placement,
     )
     log(erased.message)
-    unlearned_model = open_adapter(erased.adapter, assets.model_dir).model
+    unlearned_model = open_adapter(erased.adapter, assets.model_dir, placement=placement).model
     preparation = LLMEraser().load_preparation(
         lineage / "preparation",
-        UnlearningContext(original_model, examples, data, tokenizer, "", ""),
+        UnlearningContext(original_model, examples, data, tokenizer, "", "", placement=placement),
     )
 
     log("Retraining without the forgotten people (the reference)...")
     retrained = retrain(
-        initial, retain_data, config=config, num_examples=len(data), progress=progress
+        initial,
+        retain_data,
+        config=config,
+        num_examples=len(data),
+        progress=progress,
+        placement=placement,
     )
     # After compilation, as the request's own time (metrics.md, "Cost").
     retrain_compile_seconds = retrained.history.compile_seconds
@@ -242,12 +272,15 @@ def run_demo(
     per_example: dict[str, Any] = {"forget_ids": list(forget_data.ids)}
     scores = {}
     recall_prompts = corpus.recall_prompts(forget_people)
+    evaluation = {"batch_size": EVALUATION_BATCH_SIZE, "placement": placement}
     for name, model in models.items():
-        forget_scores = score_examples(model, forget_data)
-        retain_scores = score_examples(model, retain_data)
-        held_out_scores = score_examples(model, held_out_data)
+        forget_scores = score_examples(model, forget_data, **evaluation)
+        retain_scores = score_examples(model, retain_data, **evaluation)
+        held_out_scores = score_examples(model, held_out_data, **evaluation)
         attacks = membership_inference(forget_scores, held_out_scores)
-        attempts = pii_extraction(model, tokenizer, recall_prompts)
+        attempts = pii_extraction(
+            model, tokenizer, recall_prompts, batch_size=GENERATION_BATCH_SIZE, placement=placement
+        )
         scores[name] = (forget_scores, held_out_scores, attacks)
         figures[name] = {
             "forget_ppl": perplexity(forget_scores.losses),
@@ -279,12 +312,9 @@ def run_demo(
         figures[name]["distance_to_retrain"] = distance_to_retrain(
             lora_trees[name], lora_trees["original"], lora_trees["retrained"]
         )
-        figures[name]["kl_to_retrain_forget"] = float(
-            np.mean(next_token_kl(models["retrained"], models[name], forget_data))
-        )
-        figures[name]["kl_to_retrain_retain"] = float(
-            np.mean(next_token_kl(models["retrained"], models[name], retain_data))
-        )
+        for split, split_data in (("forget", forget_data), ("retain", retain_data)):
+            divergences = next_token_kl(models["retrained"], models[name], split_data, **evaluation)
+            figures[name][f"kl_to_retrain_{split}"] = float(np.mean(divergences))
     figures["cost"] = _cost(
         erased,
         preparation.value,
@@ -389,6 +419,15 @@ def _cost(
         "spectrum_largest": preparation.spectrum.largest,
         "spectrum_smallest": preparation.spectrum.smallest,
     }
+
+
+def _check_batch_sizes(settings: DemoSettings, placement: parallel.Placement) -> None:
+    """Refuses, before anything runs, a mesh whose batch axes do not divide a batch size of the
+    recipe (the fine-tune's, the curvature sample's, evaluation's and generation's)."""
+    placement.check_batch_size(settings.batch_size, what="fine-tune batch size")
+    placement.check_batch_size(settings.eraser.curvature.batch_size, what="curvature batch size")
+    placement.check_batch_size(EVALUATION_BATCH_SIZE, what="evaluation batch size")
+    placement.check_batch_size(GENERATION_BATCH_SIZE, what="generation batch size")
 
 
 def _checks(figures) -> dict[str, Any]:

@@ -33,6 +33,7 @@ __all__ = [
     "Placement",
     "activations_on",
     "batch_shardings",
+    "constrain_logical",
     "constrain_rows",
     "host_array",
     "logical_sharding",
@@ -395,6 +396,24 @@ class Placement:
         rows = int(np.shape(batch.input_ids)[0])
         return put(batch, batch_shardings(rows, self.mesh, rules=self.rules))
 
+    def rows(self, value: Any, /) -> Any:
+        """`value` (a tree of host or device arrays with a leading row axis) with its rows split
+        over the batch axes, its other axes whole (unchanged without a mesh).
+
+        Raises:
+            SettingsError: If the batch axes do not divide a leaf's rows.
+        """
+        if self.mesh is None:
+            return value
+        spec, _ = _batch_axes(self.mesh, self.rules)
+
+        def place(leaf):
+            self.check_batch_size(int(np.shape(leaf)[0]), what="number of rows")
+            trailing = (None,) * (np.ndim(leaf) - 1)
+            return put(leaf, NamedSharding(self.mesh, PartitionSpec(spec, *trailing)))
+
+        return jax.tree.map(place, value)
+
     def model(self, model: nnx.Module, /) -> nnx.Module:
         """Moves `model`'s variables onto the mesh by their logical axes, in place."""
         return model if self.mesh is None else shard_model(model, self.mesh, rules=self.rules)
@@ -452,6 +471,18 @@ def constrain_rows(x: jax.Array, /) -> jax.Array:
         return x
     spec, _ = _batch_axes(placement.mesh, placement.rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(placement.mesh, PartitionSpec(spec)))
+
+
+def constrain_logical(x: jax.Array, logical_axes: Sequence[str | None], /) -> jax.Array:
+    """`x` laid out by the `activations_on` placement's rules for these logical axes (one per
+    dimension, `None` for whole); `x` itself outside one."""
+    placement = _ACTIVATIONS.get()
+    if placement is None:
+        return x
+    sharding = logical_sharding(
+        logical_axes, mesh=placement.mesh, shape=x.shape, rules=placement.rules
+    )
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def vocab_splits(vocab_size: int, /) -> int:

@@ -9,7 +9,9 @@ sees. The others compute alongside, read what the writer wrote only after waitin
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -17,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from jaxunlearn.errors import UserError
 
-__all__ = ["WRITER", "initialize", "is_writer", "shared_random_hex", "sync"]
+__all__ = ["WRITER", "initialize", "is_writer", "shared_random_hex", "step", "sync"]
 
 # The process that writes files.
 WRITER = 0
@@ -32,6 +34,45 @@ def sync(name: str, /) -> None:
     """Waits until every process has reached the point called `name` (at once with one)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def step(name: str, /) -> Iterator[None]:
+    """Runs its block here, then waits until every process has finished it (`sync`), and fails
+    on every process when it failed on any.
+
+    For blocks that only some processes run (the writer's file work) or whose failure may not
+    be shared (a file one host cannot read): without it, the processes that did not fail would
+    wait at the next collective for one that has stopped, forever (`jax.distributed` has no
+    collective timeout). The block's own error is raised where it happened; elsewhere a
+    `UserError` names the process and the step. A block must not itself run collectives that
+    a failure could leave unmatched.
+
+    Raises:
+        UserError: In a process whose block succeeded, when another's failed.
+    """
+    if jax.process_count() == 1:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        _statuses(failed=True)
+        raise
+    failed = [index for index, status in enumerate(_statuses(failed=False)) if status]
+    if failed:
+        raise UserError(
+            f"Process {failed[0]} of this run failed at {name!r}; its own output says why "
+            "(this process stopped with it)."
+        )
+
+
+def _statuses(*, failed: bool) -> list[int]:
+    """Every process's status at the end of a step (1 for failed), exchanged among all of them:
+    also the wait for the slowest."""
+    status = np.asarray([int(failed)], np.int32)
+    gathered = multihost_utils.process_allgather(status)
+    return [int(value) for value in np.asarray(gathered).reshape(-1)]
 
 
 def shared_random_hex(num_bytes: int = 6, /) -> str:

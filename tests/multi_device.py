@@ -102,3 +102,30 @@ def run_processes(
         if process.returncode != 0:
             failures.append(f"process {index} exited {process.returncode}:\n{errors[-3000:]}")
     assert not failures, "\n".join(failures)
+
+
+def run_command_and_report(arguments: list[str], report: str) -> None:
+    """Runs `jaxunlearn ARGUMENTS` in this process (one of several joined from the
+    environment) and writes its exit status, what it printed and the cluster's size to the
+    JSON file `report`."""
+    import contextlib
+    import io
+
+    import jax
+
+    from jaxunlearn.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = main(arguments)
+    with open(report, "w") as file:
+        json.dump(
+            {
+                "status": status,
+                "stdout": stdout.getvalue(),
+                "stderr": stderr.getvalue(),
+                "processes": jax.process_count(),
+                "devices": jax.device_count(),
+            },
+            file,
+        )

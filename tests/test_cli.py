@@ -112,6 +112,20 @@ def test_unlearn_refuses_a_mesh_it_cannot_make_before_reading_anything(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_demo_refuses_a_mesh_it_cannot_make_before_building_anything(tmp_path, capsys):
+    arguments = ["demo", "--out", str(tmp_path / "report"), "--cache-dir", str(tmp_path / "c")]
+    assert main([*arguments, "--mesh", "fsdp=3"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert "needs 3 devices" in error
+    assert not (tmp_path / "report").exists()
+    assert not (tmp_path / "c").exists()
+    # The demo runs on one process: several hosts are the business of finetune and unlearn.
+    with pytest.raises(SystemExit):
+        main([*arguments, "--distributed"])
+    assert "unrecognized arguments: --distributed" in capsys.readouterr().err
+
+
 def test_finetune_defaults_are_the_demos_recipe(corpus_and_model, tmp_path, capsys):
     root, model_dir = corpus_and_model
     data = root / "corpus" / "train.jsonl"

@@ -399,10 +399,12 @@ def fake_demo(monkeypatch):
 
     calls = []
 
-    def run_demo(output_dir, /, *, settings, cache_dir=None, progress=True, log=print):
+    def run_demo(
+        output_dir, /, *, settings, cache_dir=None, progress=True, log=print, placement=None
+    ):
         calls.append(
             {"out": pathlib.Path(output_dir), "settings": settings, "cache": cache_dir}
-            | {"progress": progress}
+            | {"progress": progress, "placement": placement}
         )
         log("Fine-tuning LoRA ...")
         return json.loads(json.dumps(FAKE_FIGURES))
@@ -418,10 +420,17 @@ def test_demo_prints_the_log_the_table_and_the_report_folder(fake_demo, tmp_path
     assert call["progress"] is False
     assert call["out"] == tmp_path / "report"
     assert call["cache"] is None
+    assert call["placement"].mesh is None  # one device unless --mesh asks
     out = capsys.readouterr().out
     assert out.index("Fine-tuning LoRA") < out.index("| model")
     assert "| unlearned" in out
     assert str(tmp_path / "report" / "report.md") in out
+
+
+def test_demo_mesh_places_the_whole_demo_on_it(fake_demo, tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "report"), "--mesh", "auto"]) == 0
+    (call,) = fake_demo
+    assert dict(call["placement"].mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
 
 
 def test_demo_json_is_the_figures_without_per_example_values(

@@ -16,6 +16,16 @@ def test_one_process_is_the_writer_and_never_waits():
     processes.sync("nothing to wait for")
 
 
+def test_a_step_of_one_process_is_its_block():
+    done = []
+    with processes.step("work"):
+        done.append(1)
+    assert done == [1]
+    # Its own error, unchanged: there is no other process to tell.
+    with pytest.raises(PermissionError, match="refused"), processes.step("work"):
+        raise PermissionError("refused")
+
+
 def test_shared_random_names_are_fresh_hex():
     names = {processes.shared_random_hex(6) for _ in range(8)}
     assert len(names) == 8

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxunlearn import parallel
 from jaxunlearn.data import TokenizedDataset
 from jaxunlearn.eval._forward import eval_split, length_sorted_batches
 
@@ -18,6 +19,7 @@ def next_token_kl(
     /,
     *,
     batch_size: int = 32,
+    placement: parallel.Placement = parallel.ONE_DEVICE,
 ) -> np.ndarray:
     """Per example, the mean KL(p_reference ‖ p_model) of the next-token distributions.
 
@@ -31,6 +33,8 @@ def next_token_kl(
         model: The model compared with it; it must share the reference's vocabulary.
         data: The tokenized examples.
         batch_size: Rows per forward pass; the last batch is padded to it.
+        placement: Where both models live: on a mesh, each batch's rows are split over its
+            batch axes (and every process of a multi-host run must call this together).
 
     Returns:
         float64 [N], in dataset order; 0 where the models agree. The float32 log-probabilities
@@ -39,22 +43,26 @@ def next_token_kl(
 
     Raises:
         ValueError: If `batch_size` is not a positive integer or the vocabularies differ.
+        SettingsError: If the placement's batch axes do not divide `batch_size`.
     """
+    placement.check_batch_size(batch_size, what="evaluation batch size")
     reference_graphdef, reference_state = eval_split(reference_model)
     graphdef, state = eval_split(model)
     divergences = np.full(len(data), np.nan)
     for indices, batch in length_sorted_batches(data, batch_size):
-        token_kl = _token_kl(
-            reference_state,
-            state,
-            batch.input_ids,
-            batch.attention_mask,
-            reference_graphdef=reference_graphdef,
-            graphdef=graphdef,
-        )
+        placed = placement.batch(batch)
+        with parallel.activations_on(placement):
+            token_kl = _token_kl(
+                reference_state,
+                state,
+                placed.input_ids,
+                placed.attention_mask,
+                reference_graphdef=reference_graphdef,
+                graphdef=graphdef,
+            )
         real = len(indices)
         mask = batch.loss_mask[:real, 1:] > 0
-        token_kl = np.asarray(token_kl, np.float64)[:real]
+        token_kl = parallel.host_array(token_kl).astype(np.float64)[:real]
         divergences[indices] = np.where(mask, token_kl, 0.0).sum(axis=-1) / mask.sum(axis=-1)
     return divergences
 

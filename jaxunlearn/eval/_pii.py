@@ -11,6 +11,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from jaxunlearn import parallel
 from jaxunlearn.models import generate
 
 
@@ -40,6 +41,7 @@ def pii_extraction(
     *,
     max_new_tokens: int = 24,
     batch_size: int = 64,
+    placement: parallel.Placement = parallel.ONE_DEVICE,
 ) -> list[ExtractionAttempt]:
     """Greedily completes every recall prompt and checks for its PII value.
 
@@ -51,12 +53,18 @@ def pii_extraction(
         prompts: records with `person_id`, `field`, `prompt` and `expected_value`.
         max_new_tokens: the longest completion; make it cover the longest value.
         batch_size: prompts decoded at once.
+        placement: where `model` lives: on a mesh, each batch of prompts has its rows split
+            over its batch axes (and every process of a multi-host run must call this together).
 
     Returns:
         One `ExtractionAttempt` per prompt, in order.
+
+    Raises:
+        SettingsError: If the placement's batch axes do not divide `batch_size`.
     """
     if not prompts:
         return []
+    placement.check_batch_size(batch_size, what="generation batch size")
     encoded = [tokenizer(p.prompt)["input_ids"] for p in prompts]
     width = 8 * math.ceil(max(len(ids) for ids in encoded) / 8)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -78,9 +86,10 @@ def pii_extraction(
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad_id,
+            placement=placement,
         )
-        tokens = np.asarray(generation.tokens)
-        lengths = np.asarray(generation.lengths)
+        tokens = parallel.host_array(generation.tokens)
+        lengths = parallel.host_array(generation.lengths)
         for row, record in enumerate(prompts[start : start + batch_size]):
             completion = tokenizer.decode(tokens[row, : lengths[row]], skip_special_tokens=True)
             attempts.append(

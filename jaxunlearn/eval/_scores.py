@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxunlearn import parallel
 from jaxunlearn.batch import token_log_probs
 from jaxunlearn.data import TokenizedDataset
 from jaxunlearn.eval._forward import eval_split, length_sorted_batches
@@ -77,7 +78,13 @@ def min_k_mean(values: np.ndarray, mask: np.ndarray, /, *, k: float = 0.4) -> np
 
 
 def score_examples(
-    model: nnx.Module, data: TokenizedDataset, /, *, batch_size: int = 32, k: float = 0.4
+    model: nnx.Module,
+    data: TokenizedDataset,
+    /,
+    *,
+    batch_size: int = 32,
+    k: float = 0.4,
+    placement: parallel.Placement = parallel.ONE_DEVICE,
 ) -> ExampleScores:
     """Scores every example of `data` under `model`, with dropout off.
 
@@ -91,32 +98,39 @@ def score_examples(
         data: The tokenized examples.
         batch_size: Rows per forward pass; the last batch is padded to it.
         k: The fraction of response tokens Min-K% and Min-K%++ average over (0.4 as MUSE).
+        placement: Where `model` lives: on a mesh, each batch's rows are split over its batch
+            axes (and every process of a multi-host run must call this together).
 
     Returns:
         The `ExampleScores` of every example, in dataset order.
 
     Raises:
         ValueError: If `batch_size` is not a positive integer or `k` is outside (0, 1].
+        SettingsError: If the placement's batch axes do not divide `batch_size`.
     """
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k must be in (0, 1], got {k!r}.")
+    placement.check_batch_size(batch_size, what="evaluation batch size")
     graphdef, state = eval_split(model)
     size = len(data)
     losses, min_k, min_k_plus_plus = (np.full(size, np.nan) for _ in range(3))
     token_counts = np.zeros(size, np.int64)
     for indices, batch in length_sorted_batches(data, batch_size):
-        log_probs, standardized = _token_scores(
-            state, batch.input_ids, batch.attention_mask, graphdef=graphdef
-        )
+        placed = placement.batch(batch)
+        with parallel.activations_on(placement):
+            log_probs, standardized = _token_scores(
+                state, placed.input_ids, placed.attention_mask, graphdef=graphdef
+            )
         real = len(indices)
         # Token t is predicted from the positions before it: log-prob column t−1 scores it.
         mask = batch.loss_mask[:real, 1:] > 0
-        log_probs = np.asarray(log_probs, np.float64)[:real]
+        log_probs = parallel.host_array(log_probs).astype(np.float64)[:real]
+        standardized = parallel.host_array(standardized)[:real]
         counts = mask.sum(axis=-1)
         token_counts[indices] = counts
         losses[indices] = -np.where(mask, log_probs, 0.0).sum(axis=-1) / counts
         min_k[indices] = min_k_mean(log_probs, mask, k=k)
-        min_k_plus_plus[indices] = min_k_mean(np.asarray(standardized)[:real], mask, k=k)
+        min_k_plus_plus[indices] = min_k_mean(standardized, mask, k=k)
     return ExampleScores(list(data.ids), losses, token_counts, min_k, min_k_plus_plus)
 
 

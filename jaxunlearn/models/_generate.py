@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxunlearn import parallel
 from jaxunlearn.errors import SettingsError
 from jaxunlearn.models._families import CausalLM
 from jaxunlearn.models._layers import KVCache
@@ -40,6 +41,7 @@ def generate(
     key: jax.Array | None = None,
     eos_token_id: int | tuple[int, ...] | None = None,
     pad_token_id: int | None = None,
+    placement: parallel.Placement = parallel.ONE_DEVICE,
 ) -> Generation:
     """Continues a batch of prompts, greedily or by temperature / top-k sampling.
 
@@ -59,14 +61,18 @@ def generate(
         key: PRNG key; required when `temperature > 0`.
         eos_token_id: End token id(s); defaults to the model config's. `()` never stops early.
         pad_token_id: Fill value after the end; defaults to the config's pad id, else 0.
+        placement: Where `model` lives: on a mesh, the prompts, the key-value cache and the
+            tokens have their rows split over its batch axes (and every process of a
+            multi-host run must call this together, with the same prompts).
 
     Returns:
-        The new tokens and their counts.
+        The new tokens and their counts (on a mesh, split by rows like the prompts).
 
     Raises:
         SettingsError: On a `max_new_tokens` that is not a positive integer, a negative
             temperature, a `top_k` outside [1, vocab_size], or a prompt length plus
-            `max_new_tokens` beyond the positions a learned position table covers.
+            `max_new_tokens` beyond the positions a learned position table covers, or a batch
+            that the placement's batch axes do not divide.
         ValueError: On inconsistent shapes, an empty prompt, or sampling without a key.
     """
     config = model.config
@@ -105,20 +111,22 @@ def generate(
     order = jnp.argsort(prompt_mask, axis=1, stable=True)
     prompt_ids = jnp.take_along_axis(prompt_ids, order, axis=1)
     prompt_mask = jnp.take_along_axis(prompt_mask, order, axis=1)
+    prompt_ids, prompt_mask = placement.rows((prompt_ids, prompt_mask))
     graphdef, state = nnx.split(model)
-    return _generate(
-        graphdef,
-        state,
-        prompt_ids,
-        prompt_mask,
-        jax.random.key(0) if key is None else key,
-        jnp.float32(temperature),
-        max_new_tokens=max_new_tokens,
-        greedy=temperature == 0,
-        top_k=top_k,
-        eos=eos,
-        pad=pad_token_id,
-    )
+    with parallel.activations_on(placement):
+        return _generate(
+            graphdef,
+            state,
+            prompt_ids,
+            prompt_mask,
+            jax.random.key(0) if key is None else key,
+            jnp.float32(temperature),
+            max_new_tokens=max_new_tokens,
+            greedy=temperature == 0,
+            top_k=top_k,
+            eos=eos,
+            pad=pad_token_id,
+        )
 
 
 @functools.partial(
@@ -146,6 +154,8 @@ def _generate(
         capacity=prompt_length + max_new_tokens,
         dtype=model.dtype,
     )
+    # On a mesh (`activations_on`), each device keeps the cache rows of its own sequences.
+    cache = _rows_split(cache)
     logits, cache = model(prompt_ids, prompt_mask, cache=cache)
     eos_ids = jnp.asarray(eos, jnp.int32)
 
@@ -169,12 +179,22 @@ def _generate(
         done = done | jnp.isin(token, eos_ids)
         # The last step's forward pass is wasted; a cond around it would cost more than it saves.
         next_logits, cache = model(token[:, None], cache=cache)
-        return step + 1, cache, next_logits[:, -1], tokens, done
+        return step + 1, _rows_split(cache), next_logits[:, -1], tokens, done
 
-    tokens = jnp.full((batch, max_new_tokens), pad, jnp.int32)
-    done = jnp.zeros((batch,), bool)
+    tokens = parallel.constrain_rows(jnp.full((batch, max_new_tokens), pad, jnp.int32))
+    done = parallel.constrain_rows(jnp.zeros((batch,), bool))
     carry = (jnp.int32(0), cache, logits[:, -1], tokens, done)
     _, _, _, tokens, _ = jax.lax.while_loop(keep_going, one_token, carry)
     is_end = jnp.isin(tokens, eos_ids)
     first_end = jnp.where(jnp.any(is_end, axis=1), jnp.argmax(is_end, axis=1) + 1, max_new_tokens)
     return Generation(tokens=tokens, lengths=first_end.astype(jnp.int32))
+
+
+def _rows_split(cache: KVCache) -> KVCache:
+    """`cache` with the rows of its keys, values and mask split over the batch axes of the
+    `activations_on` placement (unchanged outside one)."""
+    return cache._replace(
+        keys=tuple(map(parallel.constrain_rows, cache.keys)),
+        values=tuple(map(parallel.constrain_rows, cache.values)),
+        mask=parallel.constrain_rows(cache.mask),
+    )

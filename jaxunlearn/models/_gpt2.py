@@ -166,7 +166,7 @@ class GPT2Attention(nnx.Module):
             scale /= float(layer_index + 1)
         self.scale = scale
 
-    def __call__(self, x, allowed, cache):
+    def __call__(self, x, mask, cache):
         config = self.config
         batch, length, _ = x.shape
         heads = (batch, length, config.num_heads, config.head_dim)
@@ -175,7 +175,7 @@ class GPT2Attention(nnx.Module):
             query.reshape(heads),
             key.reshape(heads),
             value.reshape(heads),
-            allowed,
+            mask,
             cache,
             scale=self.scale,
             float32_scores=config.reorder_and_upcast_attn,
@@ -207,8 +207,8 @@ class GPT2Block(nnx.Module):
         self.ln_2 = LayerNorm(config.hidden_size, eps=eps, dtype=dtype)
         self.mlp = GPT2MLP(config, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, allowed, cache):
-        attended, new_cache = self.attn(self.ln_1(x), allowed, cache)
+    def __call__(self, x, mask, cache):
+        attended, new_cache = self.attn(self.ln_1(x), mask, cache)
         x = x + attended
         return x + self.mlp(self.ln_2(x)), new_cache
 
@@ -275,7 +275,7 @@ class GPT2LMHeadModel(CausalLMBase):
         hidden, new_cache = run_layers(
             transformer.h,
             hidden,
-            (inputs.allowed,),
+            (inputs.mask,),
             inputs=inputs,
             cache=cache,
             remat=transformer.remat,

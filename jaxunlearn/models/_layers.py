@@ -121,19 +121,42 @@ def embedding(rngs: nnx.Rngs, rows: int, width: int, *, axes: tuple[str, str], d
     return nnx.Param(table.astype(dtype), logical_axes=axes)
 
 
+class AttentionMask(NamedTuple):
+    """Which keys each query may attend to: causal in slot order, and never towards padding.
+
+    Kept factored, as the slot of each query and the real key slots of each sequence, so that
+    the [batch, queries, keys] mask is never an array of its own: each block of queries builds
+    its part where its scores are masked, and the compiler fuses it into that select (at 4096
+    tokens the whole mask would be 16M booleans per sequence, held for every layer).
+
+    Attributes:
+        query_slots: [queries] int32: the cache slot of each query (its index without a cache).
+        key_mask: [batch, keys]: which key slots hold real tokens.
+    """
+
+    query_slots: jax.Array
+    key_mask: jax.Array
+
+    def allowed(self) -> jax.Array:
+        """[batch, queries, keys]: whether each query may attend to each key."""
+        key_slots = jnp.arange(self.key_mask.shape[1])
+        causal = key_slots[None, None, :] <= self.query_slots[None, :, None]
+        return causal & self.key_mask[:, None, :]
+
+
 class AttentionInputs(NamedTuple):
     """Where each query may look, derived once per forward pass and shared by every layer.
 
     Attributes:
         key_mask: [batch, keys]: which key slots hold real tokens (the cache's slots with a
             cache, else the input's tokens).
-        allowed: [batch, queries, keys]: causal in slot order, and never towards padding.
+        mask: The `AttentionMask`: causal in slot order, and never towards padding.
         positions: [batch, queries]: the count of real tokens before each query (those already
             in the cache included), i.e. the position transformers' `generate` gives it.
     """
 
     key_mask: jax.Array
-    allowed: jax.Array
+    mask: AttentionMask
     positions: jax.Array
 
 
@@ -187,15 +210,15 @@ def attention_inputs(
             "position embeddings cover."
         )
     positions = jnp.maximum(seen + jnp.cumsum(mask, axis=-1) - 1, 0)
-    allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_mask[:, None, :]
-    return AttentionInputs(key_mask=key_mask, allowed=allowed, positions=positions)
+    attention_mask = AttentionMask(query_slots.astype(jnp.int32), key_mask)
+    return AttentionInputs(key_mask=key_mask, mask=attention_mask, positions=positions)
 
 
 def attend(
     query: jax.Array,
     key: jax.Array,
     value: jax.Array,
-    allowed: jax.Array,
+    mask: AttentionMask,
     cache: tuple[jax.Array, jax.Array, jax.Array] | None,
     *,
     scale: float,
@@ -207,7 +230,8 @@ def attend(
         query: [batch, length, heads, head_dim].
         key: [batch, length, kv_heads, head_dim]; `heads` is a multiple of `kv_heads`.
         value: Like `key`.
-        allowed: [batch, length, keys] from `attention_inputs`.
+        mask: The `AttentionMask` from `attention_inputs` (its keys are the cache's slots with
+            a cache, else the input's tokens).
         cache: `(keys, values, index)` of this layer; the new keys and values are written from
             slot `index` on and the queries attend over every slot.
         scale: Multiplies the scores `q · k`.
@@ -234,9 +258,9 @@ def attend(
     score_dtype = jnp.float32 if float32_scores else query.dtype
     block = functools.partial(_attend_block, scale=scale, score_dtype=score_dtype)
     if cache is None and length > QUERY_CHUNK and length % QUERY_CHUNK == 0:
-        out = _attend_in_query_chunks(block, grouped, key, value, allowed)
+        out = _attend_in_query_chunks(block, grouped, key, value, mask)
     else:
-        out = block(grouped, key, value, allowed)
+        out = block(grouped, key, value, mask)
     return out.reshape(batch, length, heads * head_dim), new_cache
 
 
@@ -244,9 +268,10 @@ def attend(
 QUERY_CHUNK = 512
 
 
-def _attend_block(grouped, key, value, allowed, *, scale: float, score_dtype) -> jax.Array:
+def _attend_block(grouped, key, value, mask, *, scale: float, score_dtype) -> jax.Array:
     """Attention of a block of grouped queries [batch, queries, kv_heads, group, head_dim] over
-    every key; `allowed` is [batch, queries, keys]."""
+    every key; `mask` is the block's `AttentionMask` (its queries' slots)."""
+    allowed = mask.allowed()
     scores = jnp.einsum("btkgd,bskd->bkgts", grouped.astype(score_dtype), key.astype(score_dtype))
     scores = scores * scale
     # Masked after the cast to float32: float64's minimum would become −inf there, and a row
@@ -258,7 +283,7 @@ def _attend_block(grouped, key, value, allowed, *, scale: float, score_dtype) ->
     return jnp.einsum("bkgts,bskd->btkgd", weights, value.astype(grouped.dtype))
 
 
-def _attend_in_query_chunks(block, grouped, key, value, allowed) -> jax.Array:
+def _attend_in_query_chunks(block, grouped, key, value, mask: AttentionMask) -> jax.Array:
     """`block` over chunks of `QUERY_CHUNK` queries in a loop, each rematerialized.
 
     Each query's softmax reads only its own scores, so chunking the queries changes no
@@ -276,10 +301,11 @@ def _attend_in_query_chunks(block, grouped, key, value, allowed) -> jax.Array:
 
     @jax.checkpoint
     def one_chunk(inputs):
-        query_chunk, allowed_chunk = inputs
-        return block(query_chunk, key, value, allowed_chunk)
+        query_chunk, slots_chunk = inputs
+        return block(query_chunk, key, value, mask._replace(query_slots=slots_chunk))
 
-    out = jax.lax.map(one_chunk, (split(grouped), split(allowed)))
+    slots = mask.query_slots.reshape(chunks, QUERY_CHUNK)
+    out = jax.lax.map(one_chunk, (split(grouped), slots))
     return out.swapaxes(0, 1).reshape(grouped.shape)
 
 
@@ -417,7 +443,12 @@ class CausalLMBase(nnx.Module):
         )
         if positions is None:
             positions = inputs.positions
-        hidden = jnp.take(self._token_table(), input_ids, axis=0)
+        # On a mesh the rows of the table stay split over the vocabulary's axes but its width is
+        # gathered first (FSDP), and the embeddings then start with their rows split: a lookup
+        # into a table split both ways, for ids split over data × fsdp, is one the partitioner
+        # can only do by replicating its output.
+        table = parallel.constrain_logical(self._token_table(), ("vocab", None))
+        hidden = parallel.constrain_rows(jnp.take(table, input_ids, axis=0))
         return self._decode(hidden, positions, inputs, cache)
 
     def _token_table(self) -> jax.Array:

@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxunlearn.models._config import ModelConfig
 from jaxunlearn.models._layers import (
+    AttentionMask,
     CausalLMBase,
     Linear,
     attend,
@@ -61,7 +62,7 @@ class Attention(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        allowed: jax.Array,
+        mask: AttentionMask,
         cache: tuple[jax.Array, jax.Array, jax.Array] | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         config = self.config
@@ -71,7 +72,7 @@ class Attention(nnx.Module):
         key = self.k_proj(x).reshape(batch, length, kv_heads, head_dim)
         value = self.v_proj(x).reshape(batch, length, kv_heads, head_dim)
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        out, new_cache = attend(query, key, value, allowed, cache, scale=head_dim**-0.5)
+        out, new_cache = attend(query, key, value, mask, cache, scale=head_dim**-0.5)
         return self.o_proj(out), new_cache
 
 
@@ -99,8 +100,8 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype)
 
-    def __call__(self, x, cos, sin, allowed, cache):
-        attended, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache)
+    def __call__(self, x, cos, sin, mask, cache):
+        attended, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), new_cache
 
@@ -166,7 +167,7 @@ class LlamaForCausalLM(CausalLMBase):
         hidden, new_cache = run_layers(
             self.model.layers,
             hidden,
-            (cos, sin, inputs.allowed),
+            (cos, sin, inputs.mask),
             inputs=inputs,
             cache=cache,
             remat=self.model.remat,

@@ -167,13 +167,13 @@ class OPTAttention(nnx.Module):
         self.q_proj = Linear(hidden, hidden, logical_axes=("embed", "heads"), **common)
         self.out_proj = Linear(hidden, hidden, logical_axes=("heads", "embed"), **common)
 
-    def __call__(self, x, allowed, cache):
+    def __call__(self, x, mask, cache):
         config = self.config
         batch, length, _ = x.shape
         heads = (batch, length, config.num_heads, config.head_dim)
         query = (self.q_proj(x) * config.head_dim**-0.5).reshape(heads)
         key, value = self.k_proj(x).reshape(heads), self.v_proj(x).reshape(heads)
-        out, new_cache = attend(query, key, value, allowed, cache, scale=1.0)
+        out, new_cache = attend(query, key, value, mask, cache, scale=1.0)
         return self.out_proj(out), new_cache
 
 
@@ -191,11 +191,11 @@ class OPTDecoderLayer(nnx.Module):
         self.pre_norm = config.do_layer_norm_before
         self.activation = config.activation
 
-    def __call__(self, x, allowed, cache):
+    def __call__(self, x, mask, cache):
         residual = x
         if self.pre_norm:
             x = self.self_attn_layer_norm(x)
-        attended, new_cache = self.self_attn(x, allowed, cache)
+        attended, new_cache = self.self_attn(x, mask, cache)
         x = residual + attended
         if not self.pre_norm:
             x = self.self_attn_layer_norm(x)
@@ -306,7 +306,7 @@ class OPTForCausalLM(CausalLMBase):
         hidden, new_cache = run_layers(
             decoder.layers,
             hidden,
-            (inputs.allowed,),
+            (inputs.mask,),
             inputs=inputs,
             cache=cache,
             remat=decoder.remat,

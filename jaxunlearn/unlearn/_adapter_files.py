@@ -130,11 +130,13 @@ def save_adapter_files(
     if path.exists():
         raise FileExistsError(f"{path} already exists; save the adapter to a new path.")
     if save_format == "peft":
-        save_peft_adapter(model, path, base_model_name_or_path=peft_base_model)
-        if processes.is_writer():
-            sidecar = path / PEFT_PROVENANCE_FILE
-            text = json.dumps(provenance.as_json(), indent=2, allow_nan=False)
-            sidecar.write_text(text + "\n")
+        # Every process gathers the arrays, then the writer alone writes the files.
+        with processes.step("jaxunlearn: PEFT adapter written"):
+            save_peft_adapter(model, path, base_model_name_or_path=peft_base_model)
+            if processes.is_writer():
+                sidecar = path / PEFT_PROVENANCE_FILE
+                text = json.dumps(provenance.as_json(), indent=2, allow_nan=False)
+                sidecar.write_text(text + "\n")
         return
     if save_format != "jaxunlearn":
         raise ValueError(f"save_format must be one of {ADAPTER_FORMATS}, got {save_format!r}.")

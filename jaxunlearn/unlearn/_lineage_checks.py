@@ -162,15 +162,23 @@ def register_adapter(
     Returns:
         The ledger.
     """
-    opened = open_adapter(adapter, base_model)
+    opened = open_adapter(adapter, base_model)  # every process: orbax restores together
     if opened.provenance is None:
         raise LineageError(f"{opened.path} has no provenance to register.")
     chosen = Ledger(ledger or pathlib.Path(opened.path).parent / DEFAULT_LEDGER_NAME)
-    with chosen.lock():
-        digest = adapter_digest(opened.model, opened.provenance)
-        if digest not in known_adapters(chosen.records()):
-            _append_root(chosen, opened.path, digest, opened.provenance)
+    digest = adapter_digest(opened.model, opened.provenance)
+    _register_root(chosen, opened.path, digest, opened.provenance)
     return chosen
+
+
+def _register_root(ledger: Ledger, path: str, digest: str, provenance: Provenance) -> None:
+    """The writer records the adapter at `path` as a root, unless the ledger knows it; every
+    process calls it, and returns once the record is written."""
+    with processes.step("jaxunlearn: root adapter registered"):
+        if processes.is_writer():
+            with ledger.lock():
+                if digest not in known_adapters(ledger.records()):
+                    _append_root(ledger, path, digest, provenance)
 
 
 def save_root_adapter(
@@ -179,7 +187,6 @@ def save_root_adapter(
     /,
     *,
     provenance: Provenance,
-    base_model: str | os.PathLike,
     ledger: str | os.PathLike,
     save_format: str = "jaxunlearn",
     lora_settings=None,
@@ -196,9 +203,9 @@ def save_root_adapter(
         The ledger.
     """
     chosen = Ledger(ledger)
-    if processes.is_writer():
-        chosen.ensure_exists()
-    processes.sync("jaxunlearn: root ledger created")
+    with processes.step("jaxunlearn: root ledger created"):
+        if processes.is_writer():
+            chosen.ensure_exists()
     provenance = provenance.replace(ledger={"id": chosen.id, "path": chosen.path})
     save_adapter_files(  # every process: the arrays may span them all
         model,
@@ -209,9 +216,11 @@ def save_root_adapter(
         description=description,
         peft_base_model=peft_base_model,
     )
-    if processes.is_writer():
-        register_adapter(path, base_model=base_model, ledger=chosen.path)
-    processes.sync("jaxunlearn: root adapter registered")
+    # The digest of the arrays just written, from memory (every process: a gather). Reading
+    # them back would load the whole base on one device of the writer, and orbax restores
+    # only with every process; each request checks the files against this digest anyway.
+    digest = adapter_digest(model, provenance)
+    _register_root(chosen, os.path.abspath(path), digest, provenance)
     return chosen
 
 

@@ -242,9 +242,9 @@ def apply_request(
     notes: list[str] = []
     # On a mesh, the method's programs keep activations' rows on their devices as traced.
     with ledger.lock(), activations_on(placement):
-        if writer:
-            recover(ledger, log=log)
-        processes.sync("jaxunlearn: ledger recovered")
+        with processes.step("jaxunlearn: ledger recovered"):
+            if writer:
+                recover(ledger, log=log)
         # Every process: the adapter's digest gathers its arrays (a reader's registration of
         # a new adapter is the writer's).
         digest = identify(opened, ledger, ledger.records(), sources, skip_checks, notes)
@@ -322,9 +322,9 @@ def apply_request(
         if purge_stale:
             purged = deletable(stale)
             processes.sync("jaxunlearn: stale copies listed")
-            if writer:
-                purge(stale)
-            processes.sync("jaxunlearn: stale copies purged")
+            with processes.step("jaxunlearn: stale copies purged"):
+                if writer:
+                    purge(stale)
             stale = ()
         return dataclasses.replace(
             result,
@@ -476,9 +476,9 @@ def _save_and_record(
     }
     staged = staging_path(out)
     writer = processes.is_writer()
-    if writer:
-        remove_stale_staging(out, ledger.records())
-    processes.sync("jaxunlearn: staging cleared")
+    with processes.step("jaxunlearn: staging cleared"):
+        if writer:
+            remove_stale_staging(out, ledger.records())
     save_adapter_files(  # every process: the arrays span them all
         new_model,
         staged,
@@ -489,29 +489,29 @@ def _save_and_record(
         peft_base_model=head.peft_base_model or provenance.base_model["path"],
     )
     new_digest = adapter_digest(new_model, new_provenance)  # every process: a gather
-    if writer:
-        _commit(
-            ledger,
-            sequence,
-            parent=parent_digest,
-            parent_path=head.path,
-            adapter=os.fspath(out),
-            adapter_digest=new_digest,
-            staged=os.fspath(staged),
-            request_key=key,
-            fingerprint=fingerprint,
-            id_hashes=keyed_ids,
-            kind=resolved.kind,
-            num_examples=len(resolved.affected),
-            method=method.name,
-            settings=finite(_settings_json(settings)),
-            approximate=bool(outcome.approximate),
-            converged=outcome.converged,
-            figures=finite(dict(figures)),
-            preparation=None if preparation is None else os.path.abspath(preparation),
-            adapter_format=save_format,
-        )
-    processes.sync("jaxunlearn: request committed")
+    with processes.step("jaxunlearn: request committed"):
+        if writer:
+            _commit(
+                ledger,
+                sequence,
+                parent=parent_digest,
+                parent_path=head.path,
+                adapter=os.fspath(out),
+                adapter_digest=new_digest,
+                staged=os.fspath(staged),
+                request_key=key,
+                fingerprint=fingerprint,
+                id_hashes=keyed_ids,
+                kind=resolved.kind,
+                num_examples=len(resolved.affected),
+                method=method.name,
+                settings=finite(_settings_json(settings)),
+                approximate=bool(outcome.approximate),
+                converged=outcome.converged,
+                figures=finite(dict(figures)),
+                preparation=None if preparation is None else os.path.abspath(preparation),
+                adapter_format=save_format,
+            )
     return RequestOutcome(
         applied=True,
         adapter=os.fspath(out),

@@ -12,6 +12,7 @@ import math
 
 from flax import nnx
 
+from jaxunlearn import parallel
 from jaxunlearn.train import BatchSource, TrainConfig, TrainResult, finetune
 
 __all__ = ["retrain", "retrain_config"]
@@ -39,6 +40,7 @@ def retrain(
     config: TrainConfig,
     num_examples: int,
     progress: bool = True,
+    placement: parallel.Placement = parallel.ONE_DEVICE,
 ) -> TrainResult:
     """Fine-tunes a copy of the initial LoRA model on the data after a request.
 
@@ -49,9 +51,17 @@ def retrain(
         config: The original fine-tune's settings.
         num_examples: The size of the original training set (to keep the number of epochs).
         progress: Show a progress bar.
+        placement: Train on its mesh (the copy's variables moved there), as `finetune` does.
 
     Returns:
         The retrained model and its history.
     """
     config = retrain_config(config, num_examples=num_examples, num_examples_after=len(data_after))
-    return finetune(nnx.clone(initial), data_after, config=config, progress=progress)
+    return finetune(
+        nnx.clone(initial),
+        data_after,
+        config=config,
+        progress=progress,
+        mesh=placement.mesh,
+        rules=placement.rules,
+    )

@@ -164,3 +164,46 @@ def test_attention_in_query_chunks_computes_what_whole_attention_does(tmp_path, 
     chunked = computed()
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked), strict=True):
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a)
+
+
+def _boolean_shapes(jaxpr) -> set[tuple[int, ...]]:
+    """The shapes of every boolean value a jaxpr computes, its sub-jaxprs' included."""
+    shapes = set()
+    for equation in jaxpr.eqns:
+        for var in equation.outvars:
+            if getattr(var.aval, "dtype", None) == jnp.bool_:
+                shapes.add(tuple(var.aval.shape))
+        for value in equation.params.values():
+            for inner in value if isinstance(value, list | tuple) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    shapes |= _boolean_shapes(inner)
+    return shapes
+
+
+def test_no_whole_attention_mask_is_built_when_queries_attend_in_chunks(monkeypatch):
+    """The [batch, queries, keys] mask is never an array of its own on long sequences: each
+    chunk of queries builds its [batch, chunk, keys] part, in the forward pass and the
+    gradient alike."""
+    from jaxunlearn.models import ModelConfig, _layers, add_lora, from_config, split_lora
+
+    config = ModelConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+        num_kv_heads=1, head_dim=8,
+    )  # fmt: skip
+    model = add_lora(
+        from_config(config, key=jax.random.key(0)),
+        rank=2, alpha=4.0, targets=("q_proj",), key=jax.random.key(1),
+    )  # fmt: skip
+    graphdef, lora, base = split_lora(model)
+    ids = jnp.ones((3, 8), jnp.int32)
+    mask = jnp.ones((3, 8), jnp.int32).at[0, 6:].set(0)
+
+    def loss(lora):
+        return jnp.mean(nnx.merge(graphdef, lora, base).next_token_log_probs(ids, mask))
+
+    monkeypatch.setattr(_layers, "QUERY_CHUNK", 2)
+    for function in (loss, jax.grad(loss)):
+        shapes = _boolean_shapes(jax.make_jaxpr(function)(lora).jaxpr)
+        assert (3, 2, 8) in shapes  # a chunk's part of the mask
+        assert (3, 8, 8) not in shapes

@@ -65,19 +65,25 @@ def spec(array) -> list:
     return entries + [None] * (array.ndim - len(entries))
 
 
+def finetune_arguments(root: pathlib.Path, out: pathlib.Path) -> list[str]:
+    """The `jaxunlearn finetune` command line of the fine-tune every request here starts from
+    (the corpus and model `fine_tune` makes under `root`), writing to `out`."""
+    model, data = root / "model", root / "corpus" / "train.jsonl"
+    return [
+        "finetune", "--model", str(model), "--data", str(data), "--out", str(out),
+        "--steps", "30", "--batch-size", "8", "--learning-rate", "1e-2", "--no-progress",
+        "--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj,down_proj",
+        "--l2-regularization", "1e-3",
+    ]  # fmt: skip
+
+
 def fine_tune(root: pathlib.Path) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
         corpus = ["make-data", "--people", "4", "--seed", "3", "--out", str(root / "corpus")]
         assert main(corpus) == 0
         model = make_tiny_checkpoint(root / "model")
         data = root / "corpus" / "train.jsonl"
-        arguments = [
-            "finetune", "--model", str(model), "--data", str(data), "--out", str(root / "run"),
-            "--steps", "30", "--batch-size", "8", "--learning-rate", "1e-2", "--no-progress",
-            "--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj,down_proj",
-            "--l2-regularization", "1e-3",
-        ]  # fmt: skip
-        assert main(arguments) == 0
+        assert main(finetune_arguments(root, root / "run")) == 0
     return {"model": model, "data": data, "run": root / "run"}
 
 
@@ -99,8 +105,9 @@ def request_on(assets: dict, name: str, removal: Removal, placement: parallel.Pl
     return outcome, split_lora(opened.model)[1]
 
 
-def lissa_on(assets: dict, removal: Removal, placement: parallel.Placement):
-    """LiSSA's outcome for `removal` at the fine-tune, computed by the method directly."""
+def method_on(assets: dict, removal: Removal, placement: parallel.Placement, settings):
+    """LLMEraser's outcome for `removal` at the fine-tune with `settings`, computed by the
+    method directly (so that its arrays, and their shardings, can be read)."""
     opened = open_adapter(assets["run"] / "adapter", assets["model"], placement=placement)
     examples = load_examples(assets["data"])
     tokenizer = load_tokenizer(assets["model"])
@@ -115,8 +122,7 @@ def lissa_on(assets: dict, removal: Removal, placement: parallel.Placement):
         placement=placement,
     )
     method = LLMEraser()
-    lissa = dataclasses.replace(SETTINGS, solver="lissa", max_steps=20)
-    settings, _ = method.settle(lissa, context)
+    settings, _ = method.settle(settings, context)
     resolved = resolve_request(removal, examples)
     prepared = method.prepare(context, settings)
     return method.apply(context, resolved, settings, prepared), prepared.value
@@ -131,8 +137,16 @@ def main_report(fsdp: int, tensor: int) -> dict:
         removal = Removal(ids[:3])
         single, single_lora = request_on(assets, "single", removal, parallel.ONE_DEVICE)
         sharded, sharded_lora = request_on(assets, "mesh", removal, on_mesh)
-        lissa_single, _ = lissa_on(assets, removal, parallel.ONE_DEVICE)
-        lissa_sharded, _ = lissa_on(assets, removal, on_mesh)
+        lissa = dataclasses.replace(SETTINGS, solver="lissa", max_steps=20)
+        lissa_single, _ = method_on(assets, removal, parallel.ONE_DEVICE, lissa)
+        lissa_sharded, _ = method_on(assets, removal, on_mesh, lissa)
+        # No linearization kept: every CG product recomputes each batch's, in a loop on the mesh.
+        recompute = dataclasses.replace(
+            SETTINGS,
+            curvature=dataclasses.replace(SETTINGS.curvature, linearization_budget_gib=0.0),
+        )
+        recomputed, _ = method_on(assets, removal, on_mesh, recompute)
+        saved, _ = method_on(assets, removal, on_mesh, SETTINGS)
         opened = open_adapter(assets["run"] / "adapter", assets["model"], placement=on_mesh)
     fine_tuned = host(split_lora(opened.model)[1])
     layer = lissa_sharded.lora["model"]["layers"][0]
@@ -147,6 +161,10 @@ def main_report(fsdp: int, tensor: int) -> dict:
         ),
         "figures": {name: [single.figures[name], sharded.figures[name]] for name in figures},
         "lissa_relative_error": largest_error(lissa_sharded.lora, lissa_single.lora),
+        "recomputed_relative_error": largest_error(recomputed.lora, saved.lora),
+        "recomputed_devices": sorted(
+            {len(leaf.sharding.device_set) for leaf in jax.tree.leaves(recomputed.lora)}
+        ),
         "specs": {
             "q_lora_a": spec(layer["self_attn"]["q_proj"]["lora_a"].get_value()),
             "q_lora_b": spec(layer["self_attn"]["q_proj"]["lora_b"].get_value()),

@@ -27,6 +27,10 @@ def test_a_request_on_a_mesh_matches_one_device_and_keeps_the_adapter_sharded():
     # LiSSA draws its mini-batches on the devices (split over fsdp as they are drawn): the same
     # draws as on one device, so the same answer to rounding.
     assert report["lissa_relative_error"] <= 1e-6
+    # The curvature sample recomputed batch by batch on the mesh (no saved linearization):
+    # the same products, so the adapter of the saved linearizations on the same mesh.
+    assert report["recomputed_relative_error"] <= 1e-6
+    assert report["recomputed_devices"] == [8]
     # The new adapter is laid out like the adapter it came from, on all 8 devices.
     assert (
         report["specs"]

@@ -63,3 +63,34 @@ def test_two_processes_apply_one_request_as_one_process_does(tmp_path):
     assert [record.type for record in records] == ["root", "intent", "commit"]
     assert records[1]["adapter_digest"] == outcome["adapter_digest"]
     assert sorted(entry.name for entry in pair_run.iterdir() if "staging" in entry.name) == []
+
+
+@pytest.mark.multi_device
+def test_a_failure_only_the_writer_meets_stops_every_process(tmp_path):
+    """Process 0 alone fails (its storage refuses the ledger, injected) while process 1 has
+    nothing to do at that step: both exit 2 at once, each with one line, instead of process 1
+    waiting forever for a writer that has stopped; and nothing is recorded."""
+    import json
+    import shutil
+
+    from multi_device import run_processes
+    from sharded_request import fine_tune
+
+    from jaxunlearn.data import load_examples
+    from jaxunlearn.unlearn import Ledger
+
+    assets = fine_tune(tmp_path)
+    forget = [example.id for example in load_examples(assets["data"])][:3]
+    shutil.copytree(assets["run"], tmp_path / "run-pair")
+    arguments = (str(tmp_path), ",".join(forget), "writer-fails")
+    run_processes(TWO_PROCESSES, *arguments, processes=2, devices=4, timeout=300)
+    reports = [json.loads((tmp_path / f"process-{i}.json").read_text()) for i in (0, 1)]
+    assert [report["status"] for report in reports] == [2, 2]
+    errors = [report["stderr"].strip() for report in reports]
+    assert all(error.count("\n") == 0 for error in errors), errors
+    assert "injected: cannot write" in errors[0]
+    assert "Process 0 of this run failed at 'jaxunlearn: ledger recovered'" in errors[1]
+    assert [r.type for r in Ledger(tmp_path / "run-pair" / "unlearn-ledger.jsonl").records()] == [
+        "root"
+    ]
+    assert not (tmp_path / "run-pair" / "unlearned").exists()
