@@ -148,14 +148,13 @@ class AttentionInputs(NamedTuple):
     """Where each query may look, derived once per forward pass and shared by every layer.
 
     Attributes:
-        key_mask: [batch, keys]: which key slots hold real tokens (the cache's slots with a
-            cache, else the input's tokens).
-        mask: The `AttentionMask`: causal in slot order, and never towards padding.
+        mask: The `AttentionMask`: causal in slot order, and never towards padding; its
+            `key_mask` says which key slots hold real tokens (the cache's slots with a cache,
+            else the input's tokens).
         positions: [batch, queries]: the count of real tokens before each query (those already
             in the cache included), i.e. the position transformers' `generate` gives it.
     """
 
-    key_mask: jax.Array
     mask: AttentionMask
     positions: jax.Array
 
@@ -211,7 +210,7 @@ def attention_inputs(
         )
     positions = jnp.maximum(seen + jnp.cumsum(mask, axis=-1) - 1, 0)
     attention_mask = AttentionMask(query_slots.astype(jnp.int32), key_mask)
-    return AttentionInputs(key_mask=key_mask, mask=attention_mask, positions=positions)
+    return AttentionInputs(mask=attention_mask, positions=positions)
 
 
 def attend(
@@ -342,7 +341,7 @@ def run_layers(
         return hidden, None
     length = hidden.shape[1]
     return hidden, KVCache(
-        tuple(new_keys), tuple(new_values), inputs.key_mask, cache.index + length
+        tuple(new_keys), tuple(new_values), inputs.mask.key_mask, cache.index + length
     )
 
 
