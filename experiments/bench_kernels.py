@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import kernels
+from jaxunlearn import kernels
 
 
 @dataclasses.dataclass(frozen=True)

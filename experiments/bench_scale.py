@@ -35,8 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import kernels
-from jaxunlearn import curvature, parallel
+from jaxunlearn import curvature, kernels, parallel
 from jaxunlearn.batch import Batch
 from jaxunlearn.data import TokenizedDataset
 from jaxunlearn.models import ModelConfig, add_lora, architecture_config, from_config

@@ -32,8 +32,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-import kernels
-from jaxunlearn import curvature
+from jaxunlearn import curvature, kernels
 from jaxunlearn.adapter import attach_lora
 from jaxunlearn.data import tokenize_examples
 from jaxunlearn.defaults import ensure_defaults

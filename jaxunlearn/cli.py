@@ -27,7 +27,7 @@ import pathlib
 import sys
 import time
 
-import kernels
+from jaxunlearn import kernels
 from jaxunlearn._settings_flags import add_settings_flags, settings_from_flags
 from jaxunlearn._strict_json import finite
 from jaxunlearn.errors import SettingsError, UserError

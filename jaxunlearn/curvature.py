@@ -1,4 +1,4 @@
-"""Curvature of the fine-tuning objective over the LoRA tree, built on `kernels`.
+"""Curvature of the fine-tuning objective over the LoRA tree, built on `jaxunlearn.kernels`.
 
 The objective is R(Θ) = mean over examples of L(z; Θ), the mean response-token NLL that
 training minimizes (`jaxunlearn.batch`), as a function of the LoRA tree Θ alone: the model is
@@ -34,8 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import kernels
-from jaxunlearn import parallel
+from jaxunlearn import kernels, parallel
 from jaxunlearn.batch import (
     Batch,
     mean_loss,

@@ -29,8 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-import kernels
-from jaxunlearn import curvature, parallel, train
+from jaxunlearn import curvature, kernels, parallel, train
 from jaxunlearn.batch import Batch
 from jaxunlearn.errors import SettingsError
 from jaxunlearn.models import VOCAB_CHUNK, add_lora, from_config

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from tiny_assets import make_tiny_checkpoint
 
-import kernels
+from jaxunlearn import kernels
 from jaxunlearn.adapter import (
     LoraSettings,
     attach_lora,

@@ -1,10 +1,12 @@
-"""A top-level package named `kernels` next to transformers.
+"""The curvature kernels next to transformers and Hugging Face's own `kernels` package.
 
-transformers probes for an optional Hugging Face package also called `kernels` and, when it
-believes that package is present, imports hub-kernel functions from it at import time. Ours must
-not be mistaken for it: transformers' configs, tokenizers and PyTorch models keep working, and
-`import kernels` still gives the curvature library.
+transformers (from 5.25 a hard dependency) imports a Hugging Face package named `kernels`, which
+installs as a top-level `kernels`. The curvature library is `jaxunlearn.kernels`, so the two never
+shadow each other: transformers' configs, tokenizers and PyTorch models keep working, and
+`jaxunlearn.kernels` is always the curvature library.
 """
+
+import importlib.util
 
 import pytest
 
@@ -15,14 +17,19 @@ def hf_home(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_transformers_does_not_take_kernels_for_the_hub_kernels_package(hf_home):
+def test_the_hub_kernels_package_and_the_curvature_kernels_are_distinct(hf_home):
     import transformers
-    from transformers.utils import import_utils
 
-    import kernels
+    from jaxunlearn import kernels
 
     assert callable(kernels.hvp)
-    assert not import_utils.is_kernels_available()
+    assert kernels.__name__ == "jaxunlearn.kernels"
+    hub = importlib.util.find_spec("kernels")
+    if hub is not None:  # installed with transformers >= 5.25
+        import kernels as hub_kernels
+
+        assert hub_kernels is not kernels
+        assert not hasattr(hub_kernels, "hvp")
 
     config = transformers.LlamaConfig(
         vocab_size=64,
@@ -41,7 +48,7 @@ def test_tokenizer_round_trip_with_kernels_imported(hf_home):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    import kernels  # noqa: F401
+    from jaxunlearn import kernels  # noqa: F401
 
     vocabulary = {"[UNK]": 0, "hello": 1, "world": 2, "unlearn": 3}
     backend = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
@@ -58,7 +65,7 @@ def test_transformers_pytorch_model_runs_with_kernels_imported(hf_home):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import kernels
+    from jaxunlearn import kernels
 
     config = LlamaConfig(
         vocab_size=32,
@@ -71,5 +78,5 @@ def test_transformers_pytorch_model_runs_with_kernels_imported(hf_home):
     model = LlamaForCausalLM(config)
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert tuple(logits.shape) == (1, 3, 32)
-    assert kernels.__name__ == "kernels"
+    assert kernels.__name__ == "jaxunlearn.kernels"
     assert hasattr(kernels, "cg")

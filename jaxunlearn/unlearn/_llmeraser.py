@@ -37,8 +37,7 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-import kernels
-from jaxunlearn import curvature
+from jaxunlearn import curvature, kernels
 from jaxunlearn.data import tokenize_examples
 from jaxunlearn.errors import SettingsError
 from jaxunlearn.unlearn import _llmeraser_preparation as preparations

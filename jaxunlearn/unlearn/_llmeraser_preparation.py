@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import kernels
-from jaxunlearn import curvature
+from jaxunlearn import curvature, kernels
 from jaxunlearn.batch import Batch
 from jaxunlearn.checkpoint import load_adapter, read_adapter_metadata, save_adapter
 from jaxunlearn.data import DataError, TokenizedDataset

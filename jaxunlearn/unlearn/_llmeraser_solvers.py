@@ -22,8 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-import kernels
-from jaxunlearn import curvature
+from jaxunlearn import curvature, kernels
 from jaxunlearn.data import TokenizedDataset
 from jaxunlearn.errors import SettingsError
 from jaxunlearn.parallel import ONE_DEVICE, Placement

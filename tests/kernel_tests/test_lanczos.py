@@ -7,7 +7,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from kernel_problems import flat, spd_matrix, tree_operator, vector_tree
 
-import kernels
+from jaxunlearn import kernels
 
 
 def gapped_spectrum(dimension: int = 17) -> np.ndarray:

@@ -14,7 +14,7 @@ from kernel_problems import (
     relative_error,
 )
 
-import kernels
+from jaxunlearn import kernels
 
 PROBLEMS = {"mlp": mlp_problem, "attention": attention_problem}
 CASES = [

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    import kernels
+    from jaxunlearn import kernels
 
     jax.config.update("jax_enable_x64", True)
     assert jax.device_count() == 8, jax.devices()

@@ -10,7 +10,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from kernel_problems import flat, relative_error, spd_matrix, tree_operator, vector_tree
 
-import kernels
+from jaxunlearn import kernels
 
 DAMPING = 0.1
 # Eigenvalues of C: condition number of C + λI about 20, small enough for the stationary

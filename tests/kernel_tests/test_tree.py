@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from kernel_problems import flat, vector_tree
 
-import kernels
+from jaxunlearn import kernels
 
 
 @pytest.mark.parametrize("tree_kind", ["dict", "tuple"])

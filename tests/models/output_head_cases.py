@@ -8,8 +8,7 @@ import numpy as np
 from flax import nnx
 from tiny_assets import TINY_CONFIG
 
-import kernels
-from jaxunlearn import curvature
+from jaxunlearn import curvature, kernels
 from jaxunlearn.batch import Batch
 from jaxunlearn.models import add_lora, from_config
 

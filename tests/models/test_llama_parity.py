@@ -124,7 +124,7 @@ def test_attention_in_query_chunks_computes_what_whole_attention_does(tmp_path, 
     still match transformers, and the gradient and both curvature products of a LoRA model
     (reverse, forward-over-reverse and forward-then-reverse differentiation) match the model
     attending whole."""
-    import kernels
+    from jaxunlearn import kernels
     from jaxunlearn.models import _layers, add_lora, split_lora
 
     reference = make_reference(tmp_path, "gqa")

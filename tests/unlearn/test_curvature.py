@@ -14,8 +14,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 from unlearn_fixtures import CONFIG, DenseObjective, random_examples, tiny_lora_model
 
-import kernels
-from jaxunlearn import curvature
+from jaxunlearn import curvature, kernels
 from jaxunlearn.models import add_lora, from_config
 
 RTOL = 2e-5

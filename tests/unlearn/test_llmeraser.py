@@ -17,8 +17,7 @@ import pytest
 from flax import nnx
 from unlearn_fixtures import DenseObjective, random_examples, tiny_lora_model
 
-import kernels
-from jaxunlearn import curvature
+from jaxunlearn import curvature, kernels
 from jaxunlearn.data import Example, tokenize_examples
 from jaxunlearn.errors import SettingsError
 from jaxunlearn.unlearn import (

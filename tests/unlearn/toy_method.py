@@ -14,8 +14,7 @@ from typing import ClassVar
 import jax
 import numpy as np
 
-import kernels
-from jaxunlearn import curvature
+from jaxunlearn import curvature, kernels
 from jaxunlearn.unlearn import MethodOutcome, Prepared, register
 
 NAME = "retain-descent"

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels._tree import PyTree, tree_all_finite
+from jaxunlearn.kernels._tree import PyTree, tree_all_finite
 
 # A relative residual this large means a stationary iteration is diverging (LiSSA's scale below
 # half the largest eigenvalue, a learning rate too large): stopping beats overflowing to inf.

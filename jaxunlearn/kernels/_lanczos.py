@@ -10,8 +10,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels._solution import IterativeSolver, check_damping
-from kernels._tree import (
+from jaxunlearn.kernels._solution import IterativeSolver, check_damping
+from jaxunlearn.kernels._tree import (
     PyTree,
     check_operator_preserves_tree,
     stacked_combination,

@@ -32,7 +32,7 @@ from typing import Any
 
 import jax
 
-from kernels._tree import PyTree
+from jaxunlearn.kernels._tree import PyTree
 
 Matvec = Callable[[PyTree], PyTree]
 

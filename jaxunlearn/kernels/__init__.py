@@ -1,4 +1,4 @@
-"""kernels: curvature math over arbitrary JAX pytrees.
+"""jaxunlearn.kernels: curvature math over arbitrary JAX pytrees.
 
 Curvature-vector products (Hessian, Gauss-Newton, empirical Fisher) with one signature,
 `product(function(s), params, v, *args)` (the `linearize_*` forms: the same without `v`),
@@ -6,19 +6,19 @@ per-example gradients, tree algebra, and solvers for damped systems (C + λI) x 
 gradients, LiSSA, a stochastic quadratic solver driven by any optax-style optimizer, and
 Lanczos eigenpairs with the low-rank inverse they define. Everything works on dicts, tuples,
 `nnx.State` or any other pytree, under `jax.jit`, and on sharded arrays; nothing is raveled.
-Imports only jax.
+Imports only jax: nothing else of jaxunlearn, whose root package imports nothing.
 """
 
-from kernels._cg import CGState, cg, cg_solver
-from kernels._lanczos import (
+from jaxunlearn.kernels._cg import CGState, cg, cg_solver
+from jaxunlearn.kernels._lanczos import (
     Eigenpairs,
     LanczosState,
     lanczos,
     lanczos_iteration,
     lowrank_inverse,
 )
-from kernels._lissa import LissaState, lissa, lissa_solver
-from kernels._products import (
+from jaxunlearn.kernels._lissa import LissaState, lissa, lissa_solver
+from jaxunlearn.kernels._products import (
     fisher_vp,
     gnvp,
     hvp,
@@ -26,14 +26,14 @@ from kernels._products import (
     linearize_hvp,
     per_example_grads,
 )
-from kernels._sgd_quadratic import (
+from jaxunlearn.kernels._sgd_quadratic import (
     GradientTransformation,
     SGDQuadraticState,
     sgd_quadratic,
     sgd_quadratic_solver,
 )
-from kernels._solution import IterativeSolver, Solution, SolverError, Status, iterate
-from kernels._tree import (
+from jaxunlearn.kernels._solution import IterativeSolver, Solution, SolverError, Status, iterate
+from jaxunlearn.kernels._tree import (
     tree_add_scaled,
     tree_norm,
     tree_random_normal_like,

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
-from kernels._solution import (
+from jaxunlearn.kernels._solution import (
     DIVERGENCE_FACTOR,
     IterativeSolver,
     Solution,
@@ -16,7 +16,7 @@ from kernels._solution import (
     iterate,
     running,
 )
-from kernels._tree import (
+from jaxunlearn.kernels._tree import (
     PyTree,
     check_operator_preserves_tree,
     tree_add_scaled,
