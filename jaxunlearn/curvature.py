@@ -89,9 +89,10 @@ def objective(graphdef: nnx.GraphDef, /) -> Callable[[Tree, Tree, Batch], jax.Ar
     """
 
     def loss(lora: Tree, base: Tree, batch: Batch) -> jax.Array:
-        # copy: the merged model's Variables must belong to this trace. Linearizing a model
-        # built with `remat=True` otherwise fails: `nnx.remat` may not mutate Variables that a
-        # merge without a copy shares with the outer trace (flax's TraceContextError).
+        # copy: the merged model's Variables must belong to this trace. A model built with
+        # `remat=True` writes its layers' random streams back after its layer loop, and a merge
+        # without a copy would share those Variables with the outer trace, where flax refuses
+        # the write (TraceContextError) while linearizing.
         model = nnx.merge(graphdef, lora, base, copy=True)
         return model_mean_loss(model, batch)
 

@@ -138,7 +138,7 @@ def load(
     Args:
         path: The checkpoint directory.
         dtype: Parameter and computation dtype; the stored tensors are cast to it.
-        remat: Rematerialise each decoder layer in the backward pass.
+        remat: Run the decoder layers as one loop, each rematerialised in the backward pass.
         mesh: Read the parameters straight onto this device mesh, sharded by their logical
             axes and `rules`: each device's block of a tensor is read from its file alone, so
             no process ever holds a whole tensor it does not need. `None`: whole tensors, on

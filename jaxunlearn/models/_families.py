@@ -162,7 +162,7 @@ def from_config(
         config: The architecture: a `ModelConfig` (Llama), `GPT2Config` or `OPTConfig`.
         key: PRNG key for the weights.
         dtype: Parameter and computation dtype.
-        remat: Rematerialise each decoder layer in the backward pass.
+        remat: Run the decoder layers as one loop, each rematerialised in the backward pass.
     """
     model_class = family_of(config).model_class
     return model_class(config, rngs=nnx.Rngs(params=key), dtype=dtype, remat=remat)

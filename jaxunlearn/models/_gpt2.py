@@ -257,7 +257,7 @@ class GPT2LMHeadModel(CausalLMBase):
             config: The architecture.
             rngs: Random streams; `rngs.params` initialises the weights.
             dtype: Parameter and computation dtype (float32 or bfloat16).
-            remat: Rematerialise each block in the backward pass (`nnx.remat`).
+            remat: Run the blocks as one loop, each rematerialised in the backward pass.
         """
         self.config = config
         self.dtype = jnp.dtype(dtype)

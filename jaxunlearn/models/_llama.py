@@ -149,8 +149,9 @@ class LlamaForCausalLM(CausalLMBase):
             config: The architecture.
             rngs: Random streams; `rngs.params` initialises the weights.
             dtype: Parameter and computation dtype (float32 or bfloat16).
-            remat: Rematerialise each decoder layer in the backward pass (`nnx.remat`), trading
-                compute for activation memory.
+            remat: Run the decoder layers as one loop, each rematerialised in the backward pass,
+                trading compute for activation memory (what a layer all-gathers on a mesh lives
+                only within its iteration).
         """
         self.config = config
         self.dtype = jnp.dtype(dtype)

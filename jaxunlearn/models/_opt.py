@@ -282,7 +282,7 @@ class OPTForCausalLM(CausalLMBase):
             config: The architecture.
             rngs: Random streams; `rngs.params` initialises the weights.
             dtype: Parameter and computation dtype (float32 or bfloat16).
-            remat: Rematerialise each decoder layer in the backward pass (`nnx.remat`).
+            remat: Run the decoder layers as one loop, each rematerialised in the backward pass.
         """
         self.config = config
         self.dtype = jnp.dtype(dtype)
