@@ -10,6 +10,7 @@
     jaxunlearn unlearn --method llmeraser --model base/ --peft-adapter from-peft/ \\
         --data corpus/train.jsonl --edit-responses corrections.jsonl --out corrected/ --json
     jaxunlearn plan --model Llama-2-13B --mesh fsdp=8 --batch 8   # memory, before a pod
+    jaxunlearn simulate-deletions --shards 5 --slices 6 --budget 1 --budget 6 --sisa --out rate/
     jaxunlearn demo                # fine-tune, unlearn, retrain and compare on the default
     jaxunlearn defaults            # build (or show) the cached embedded default
 
@@ -361,6 +362,47 @@ def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON to stdout")
     plan.set_defaults(run=_plan)
 
+    simulate = commands.add_parser(
+        "simulate-deletions",
+        help="simulate how many deletions S3T (and SISA) absorb before no shard has a model",
+        description="Monte Carlo of S3T's deletion rate: m shards of L slices, B slice orders "
+        "per shard; a deletion takes every model of its shard back to the stage before the "
+        "slice it hits, and a trial counts deletions until no shard has a model left. Prints "
+        "each budget's mean ± standard error beside the exact expectation; with --out, writes "
+        "deletion-rate.json and deletion-rate.png there.",
+    )
+    simulate.add_argument("--shards", type=int, default=5, help="shards m (5)")
+    simulate.add_argument("--slices", type=int, default=6, help="slices per shard L (6)")
+    simulate.add_argument(
+        "--budget",
+        type=int,
+        action="append",
+        metavar="B",
+        help="orders per shard, repeatable (default: every budget 1..L)",
+    )
+    simulate.add_argument("--sisa", action="store_true", help="add SISA (one model per shard)")
+    simulate.add_argument(
+        "--prior",
+        metavar="PROBS",
+        help="per-slice deletion weights: comma-separated (one per slice of a shard) or a JSON "
+        "file (a list of L numbers, or m lists of L); relative, divided by their sum "
+        "(default: uniform)",
+    )
+    simulate.add_argument(
+        "--selection",
+        choices=("cyclic", "prior-aware"),
+        default="cyclic",
+        help="how the orders are chosen: the first B right-rotations, or bipartite matching "
+        "on the prior (cyclic)",
+    )
+    simulate.add_argument("--trials", type=int, default=10_000, help="trials per row (10000)")
+    simulate.add_argument("--seed", type=int, default=0, help="seeds every row (0)")
+    simulate.add_argument("--out", help="folder for deletion-rate.json and deletion-rate.png")
+    simulate.add_argument(
+        "--json", action="store_true", help="print the figures as JSON alone on stdout"
+    )
+    simulate.set_defaults(run=_simulate_deletions)
+
     defaults = commands.add_parser(
         "defaults",
         help="build (once) and show the embedded default tokenizer, model and corpus",
@@ -420,6 +462,30 @@ def _plan(options) -> int:
     else:
         print(result.table())
     return 0 if result.fits else 1
+
+
+def _simulate_deletions(options) -> int:
+    from jaxunlearn.unlearn import deletion_rate_study, read_prior, write_deletion_rate_report
+
+    budgets = range(1, options.slices + 1) if options.budget is None else options.budget
+    study = deletion_rate_study(
+        num_shards=options.shards,
+        num_slices=options.slices,
+        budgets=budgets,
+        sisa=options.sisa,
+        prior=None if options.prior is None else read_prior(options.prior),
+        selection=options.selection,
+        trials=options.trials,
+        seed=options.seed,
+    )
+    written = () if options.out is None else write_deletion_rate_report(study, options.out)
+    if options.json:
+        print(json.dumps(finite(study.to_json()), indent=2, allow_nan=False))
+    else:
+        print(study.table())
+        for path in written:
+            print(f"Wrote {path}")
+    return 0
 
 
 def _add_data_arguments(

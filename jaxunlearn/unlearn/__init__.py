@@ -17,6 +17,24 @@ from jaxunlearn.unlearn._adapter_files import (
     open_adapter,
     save_adapter_files,
 )
+from jaxunlearn.unlearn._deletion_rate_report import (
+    DELETION_RATE_JSON,
+    DELETION_RATE_PLOT,
+    ORDER_SELECTIONS,
+    DeletionRateRow,
+    DeletionRateStudy,
+    deletion_rate_study,
+    read_prior,
+    select_orders,
+    write_deletion_rate_report,
+)
+from jaxunlearn.unlearn._deletion_simulator import (
+    DeletionSimulation,
+    expected_deletions,
+    expected_sisa_deletions,
+    simulate_deletions,
+    simulate_sisa_deletions,
+)
 from jaxunlearn.unlearn._digests import examples_digest, file_sha256, tree_digest
 from jaxunlearn.unlearn._ledger import ConflictingRequestError, Ledger, LedgerError, Record
 from jaxunlearn.unlearn._lineage import (
@@ -76,6 +94,7 @@ from jaxunlearn.unlearn._requests import (
     resolve_request,
 )
 from jaxunlearn.unlearn._retrain import retrain, retrain_config
+from jaxunlearn.unlearn._slice_orders import cyclic_orders, prior_aware_orders
 from jaxunlearn.unlearn._stale import StaleCopy, purge, stale_copies
 
 # The built-in methods: one entry each.
@@ -85,13 +104,19 @@ __all__ = [
     "ADAPTER_FORMATS",
     "ARTIFACTS",
     "DEFAULT_LEDGER_NAME",
+    "DELETION_RATE_JSON",
+    "DELETION_RATE_PLOT",
     "MODES",
+    "ORDER_SELECTIONS",
     "PEFT_PROVENANCE_FILE",
     "SOLVERS",
     "ArtifactMismatchError",
     "CGConfig",
     "ConflictingRequestError",
     "CurvatureSettings",
+    "DeletionRateRow",
+    "DeletionRateStudy",
+    "DeletionSimulation",
     "EraserPreparation",
     "EraserSettings",
     "LLMEraser",
@@ -125,14 +150,20 @@ __all__ = [
     "adapter_digest",
     "adapter_format",
     "apply_request",
+    "cyclic_orders",
+    "deletion_rate_study",
     "examples_digest",
+    "expected_deletions",
+    "expected_sisa_deletions",
     "file_sha256",
     "get_method",
     "id_hash",
     "method_names",
     "open_adapter",
+    "prior_aware_orders",
     "purge",
     "read_edits",
+    "read_prior",
     "read_removal",
     "register",
     "register_adapter",
@@ -142,7 +173,11 @@ __all__ = [
     "retrain_config",
     "save_adapter_files",
     "save_root_adapter",
+    "select_orders",
+    "simulate_deletions",
+    "simulate_sisa_deletions",
     "stale_copies",
     "tree_digest",
     "unregister",
+    "write_deletion_rate_report",
 ]
