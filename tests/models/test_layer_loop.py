@@ -154,3 +154,27 @@ def test_a_layer_keeps_nothing_of_its_weights_alive_past_its_iteration():
     )
     float32_copy = 4 * layer_weights
     assert per_layer < 0.1 * float32_copy, (per_layer, float32_copy)
+
+
+def test_layers_that_differ_run_in_the_loop_as_they_run_unrolled():
+    """Adapters on some layers only (as a PEFT `layers_to_transform` gives): each switch
+    branch has its own structure, and the gradient is the unrolled one."""
+    from jaxunlearn.models import _lora
+
+    ids, mask = batch()
+    gradients = {}
+    for remat in (False, True):
+        model = from_config(config(3), key=jax.random.key(0), remat=remat)
+        sites = [
+            (site, 2, 4.0)
+            for site in _lora.lora_sites(model)
+            if site.name.split(".")[2] == "1" and site.name.endswith(("q_proj", "v_proj"))
+        ]
+        assert len(sites) == 2
+        _lora.attach_adapters(model, sites, use_rslora=False, dropout=0.0, key=jax.random.key(1))
+        _, lora, _ = split_lora(model)
+        nnx.update(model, jax.tree.map(lambda x: x + 0.1, lora))
+        graphdef, lora, base = split_lora(model)
+        gradients[remat] = lora_gradient_fn(graphdef)(lora, base, ids, mask, jax.random.key(0))
+    assert len(jax.tree.leaves(gradients[True])) == 4
+    assert relative_error(gradients[True], gradients[False]) <= 1e-6
