@@ -30,7 +30,7 @@ import time
 
 from jaxunlearn import kernels
 from jaxunlearn._settings_flags import add_settings_flags, settings_from_flags
-from jaxunlearn._strict_json import finite
+from jaxunlearn._strict_json import finite, strict_dumps
 from jaxunlearn.errors import SettingsError, UserError
 from jaxunlearn.models import LORA_TARGETS, shipped_config_names
 
@@ -480,7 +480,7 @@ def _simulate_deletions(options) -> int:
     )
     written = () if options.out is None else write_deletion_rate_report(study, options.out)
     if options.json:
-        print(json.dumps(finite(study.to_json()), indent=2, allow_nan=False))
+        print(strict_dumps(study.to_json(), indent=2))
     else:
         print(study.table())
         for path in written:

@@ -218,20 +218,12 @@ def simulate_sisa_deletions(
         SettingsError: If an argument is out of range, a shard can never be hit, or a trial
             ran past `max_deletions`.
     """
-    num_shards = checked_count(num_shards, "num_shards")
-    shard_probabilities = _shard_probabilities(prior, num_shards)
-    if shard_probabilities is not None and np.any(shard_probabilities <= 0):
-        raise SettingsError(
-            "The prior gives some shard no deletions at all: its model is never lost and the "
-            "count is unbounded."
-        )
-    # SISA's shard is S3T's shard of one slice and one order: any hit takes its model to 0.
     return simulate_deletions(
-        np.zeros((1, 1), np.int64),
+        _SISA_ORDERS,
         num_shards=num_shards,
         trials=trials,
         seed=seed,
-        prior=None if shard_probabilities is None else shard_probabilities[:, None],
+        prior=_sisa_prior(prior, num_shards),
         max_deletions=max_deletions,
     )
 
@@ -273,15 +265,9 @@ def expected_sisa_deletions(num_shards: int, /, *, prior=None) -> float:
     Raises:
         SettingsError: If the prior is invalid or gives some shard no deletions.
     """
-    num_shards = checked_count(num_shards, "num_shards")
-    shard_probabilities = _shard_probabilities(prior, num_shards)
-    if shard_probabilities is None or np.all(shard_probabilities == shard_probabilities[0]):
-        return num_shards * _harmonic(num_shards)
-    if np.any(shard_probabilities <= 0):
-        raise SettingsError(
-            "The prior gives some shard no deletions at all: the expected count is infinite."
-        )
-    return _expected_draws_to_hit_all(shard_probabilities)
+    return expected_deletions(
+        _SISA_ORDERS, num_shards=num_shards, prior=_sisa_prior(prior, num_shards)
+    )
 
 
 def _first_slice_targets(orders: np.ndarray) -> np.ndarray:
@@ -303,18 +289,31 @@ def _check_targets_reachable(targets, probabilities, num_slices: int) -> None:
         )
 
 
-def _shard_probabilities(prior, num_shards: int) -> np.ndarray | None:
+# SISA's shard is S3T's shard of one slice and one order: any hit takes its model to 0.
+_SISA_ORDERS = np.zeros((1, 1), np.int64)
+
+
+def _sisa_prior(prior, num_shards: int) -> np.ndarray | None:
+    """Each shard's share of the deletions as the (m, 1) prior of `_SISA_ORDERS`; None:
+    uniform. Only a shard's total matters to SISA."""
+    num_shards = checked_count(num_shards, "num_shards")
     if prior is None:
         return None
     weights = normalized_probabilities(prior)
     if weights.ndim == 1:
-        return np.full(num_shards, 1.0 / num_shards)
-    if weights.ndim == 2 and weights.shape[0] == num_shards:
-        return weights.sum(axis=1)
-    raise SettingsError(
-        f"The prior must give one weight per slice of a shard (L,) or per slice of every shard "
-        f"({num_shards}, L), got shape {weights.shape}."
-    )
+        return None  # the same weights in every shard: each shard gets 1/m
+    if weights.ndim != 2 or weights.shape[0] != num_shards:
+        raise SettingsError(
+            f"The prior must give one weight per slice of a shard (L,) or per slice of every "
+            f"shard ({num_shards}, L), got shape {weights.shape}."
+        )
+    shares = weights.sum(axis=1)
+    if np.any(shares <= 0):
+        raise SettingsError(
+            "The prior gives some shard no deletions at all: its model is never lost and the "
+            "count is unbounded."
+        )
+    return shares[:, None]
 
 
 def _sampler(probabilities, size: int):
