@@ -196,6 +196,30 @@ def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
         metavar="FILE",
         help="the ledger that records the adapter's lineage (default: --out/unlearn-ledger.jsonl)",
     )
+    sharded = finetune.add_argument_group(
+        "exact unlearning by construction",
+        "--method s3t trains, per shard, B models whose stages each train one layer group "
+        "(top-down) on one more slice; --method sisa trains one model per shard, all adapters, "
+        "slice by slice. --out/ensemble then holds every stage's checkpoint, and `jaxunlearn "
+        "unlearn --method s3t|sisa --adapter OUT/ensemble` serves requests from them.",
+    )
+    sharded.add_argument(
+        "--method",
+        choices=("single", "s3t", "sisa"),
+        default="single",
+        help="one adapter (default), or an S3T or SISA ensemble",
+    )
+    sharded.add_argument("--shards", type=int, help="shards m (s3t, sisa)")
+    sharded.add_argument("--slices", type=int, help="slices per shard L; S3T: also layer groups")
+    sharded.add_argument(
+        "--budget", type=int, help="S3T: slice orders trained per shard B (default: 1)"
+    )
+    sharded.add_argument(
+        "--group-by",
+        metavar="FIELD",
+        help="keep the examples sharing this metadata field (such as person_id) in one slice, "
+        "so erasing one person touches one slice",
+    )
     _add_mesh_argument(finetune)
     finetune.add_argument("--no-progress", action="store_true")
     finetune.set_defaults(run=_finetune)
@@ -218,7 +242,11 @@ def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
     )
     unlearn.add_argument("--model", required=True, help="base checkpoint folder")
     adapter = unlearn.add_mutually_exclusive_group(required=True)
-    adapter.add_argument("--adapter", metavar="DIR", help="a jaxunlearn adapter (finetune's)")
+    adapter.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a jaxunlearn adapter (finetune's), or an S3T/SISA ensemble (--method s3t|sisa)",
+    )
     adapter.add_argument("--peft-adapter", metavar="DIR", help="a PEFT LoRA adapter")
     _add_data_arguments(
         unlearn, max_length_default="the adapter's recorded length, else the model's context"
@@ -589,13 +617,13 @@ def _finetune(options) -> int:
     from jaxunlearn.train import TrainConfig, default_warmup_steps, finetune, steps_for_epochs
     from jaxunlearn.unlearn import (
         DEFAULT_LEDGER_NAME,
-        Provenance,
         register_adapter,
         save_root_adapter,
     )
 
     out = pathlib.Path(options.out)
-    adapter_dir = out / "adapter"
+    _check_sharded_flags(options)
+    adapter_dir = out / ("adapter" if options.method == "single" else "ensemble")
     if adapter_dir.exists() and not options.resume:
         raise FileExistsError(f"{adapter_dir} exists; choose another --out or pass --resume")
     fresh_settings = {
@@ -665,6 +693,8 @@ def _finetune(options) -> int:
         if options.eval_data
         else None
     )
+    if options.method != "single":
+        return _finetune_ensemble(options, model, settings, train_examples, train_data, config)
     start = time.perf_counter()
     result = finetune(
         model,
@@ -684,19 +714,8 @@ def _finetune(options) -> int:
         # Every process: the adapter is read back together, and the writer records it.
         register_adapter(adapter_dir, base_model=options.model, ledger=ledger)
     else:
-        provenance = Provenance.of_training(
-            base_model=options.model,
-            tokenizer=options.tokenizer or options.model,
-            data=options.data,
-            examples=train_examples,
-            train_config=dataclasses.asdict(config),
-            # What `unlearn` needs to tokenize the data as it was trained on.
-            tokenization={
-                "max_length": train_data.max_length,
-                "truncate": options.truncate,
-                "buckets": list(train_data.buckets),
-            },
-            checkpoints=out / "checkpoints",
+        provenance = _training_provenance(
+            options, train_examples, train_data, config, checkpoints=out / "checkpoints"
         )
         description = {}
         if options.peft_adapter:
@@ -728,6 +747,107 @@ def _finetune(options) -> int:
         text = json.dumps(finite(summary), indent=2, allow_nan=False)
         (out / "training.json").write_text(text)
         print(text)
+    return 0
+
+
+def _training_provenance(options, train_examples, train_data, config, **extra):
+    """What `finetune` records of its inputs, and what `unlearn` needs to tokenize the data as
+    it was trained on."""
+    from jaxunlearn.unlearn import Provenance
+
+    return Provenance.of_training(
+        base_model=options.model,
+        tokenizer=options.tokenizer or options.model,
+        data=options.data,
+        examples=train_examples,
+        train_config=dataclasses.asdict(config),
+        tokenization={
+            "max_length": train_data.max_length,
+            "truncate": options.truncate,
+            "buckets": list(train_data.buckets),
+        },
+        **extra,
+    )
+
+
+def _check_sharded_flags(options) -> None:
+    """The flags of --method s3t|sisa, checked before anything loads."""
+    given = [
+        flag
+        for flag, value in (
+            ("--shards", options.shards),
+            ("--slices", options.slices),
+            ("--budget", options.budget),
+            ("--group-by", options.group_by),
+        )
+        if value is not None
+    ]
+    if options.method == "single":
+        if given:
+            raise SettingsError(f"{', '.join(given)} need --method s3t or --method sisa")
+        return
+    if options.shards is None or options.slices is None:
+        raise SettingsError(f"--method {options.method} needs --shards and --slices")
+    if options.method == "sisa" and options.budget not in (None, 1):
+        raise SettingsError("--budget is S3T's: SISA trains one model per shard")
+    refused = {
+        "--resume": options.resume,
+        "--steps": options.steps is not None,
+        "--peft-adapter": options.peft_adapter is not None,
+        "--eval-data": options.eval_data is not None,
+        "--mesh": options.mesh is not None,
+        "--distributed": options.distributed,
+        "--save-format peft": options.save_format == "peft",
+    }
+    bad = [flag for flag, set_ in refused.items() if set_]
+    if bad:
+        raise SettingsError(
+            f"--method {options.method} does not take {', '.join(bad)}: every stage trains "
+            "--epochs passes over its slices, from fresh adapters, on one device"
+        )
+
+
+def _finetune_ensemble(options, model, settings, train_examples, train_data, config) -> int:
+    from jaxunlearn.unlearn import DEFAULT_LEDGER_NAME, StageRecipe, train_ensemble
+
+    out = pathlib.Path(options.out)
+    provenance = _training_provenance(options, train_examples, train_data, config)
+    trained = train_ensemble(
+        model,
+        train_examples,
+        train_data,
+        method=options.method,
+        shards=options.shards,
+        slices=options.slices,
+        budget=options.budget or 1,
+        group_by=options.group_by,
+        out=out / "ensemble",
+        provenance=provenance,
+        ledger=options.ledger or out / DEFAULT_LEDGER_NAME,
+        lora_settings=settings,
+        recipe=StageRecipe(train_config=config, epochs=options.epochs),
+        progress=not options.no_progress,
+    )
+    ensemble = trained.ensemble
+    summary = {
+        "ensemble": trained.path,
+        "method": ensemble.method,
+        "shards": ensemble.shards,
+        "slices": ensemble.slices,
+        "budget": ensemble.budget,
+        "layer_groups": [list(group) for group in ensemble.groups]
+        if ensemble.method == "s3t"
+        else None,
+        "ledger": trained.ledger,
+        "examples": len(train_data),
+        "stages": trained.stages,
+        "examples_seen": trained.examples_seen,
+        "epochs_of_one_finetune": trained.examples_seen / len(train_data),
+        "seconds": trained.seconds,
+    }
+    text = json.dumps(finite(summary), indent=2, allow_nan=False)
+    (out / "training.json").write_text(text)
+    print(text)
     return 0
 
 

@@ -374,12 +374,12 @@ def test_unlearn_needs_exactly_one_adapter_and_one_request(assets, tmp_path, cap
     for arguments in (
         [*base, "--adapter", str(assets["adapter"])],  # no request
         [*base, "--adapter", "a", "--peft-adapter", "b", "--forget", FORGET[0]],  # two adapters
-        [*base, "--adapter", "a", "--forget", FORGET[0], "--method", "sisa"],  # not (yet) a method
+        [*base, "--adapter", "a", "--forget", FORGET[0], "--method", "sharded"],  # not a method
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(arguments)
         assert exit_info.value.code == 2
-    assert "invalid choice: 'sisa'" in capsys.readouterr().err
+    assert "invalid choice: 'sharded'" in capsys.readouterr().err
 
 
 # demo: the real run takes minutes, so `run_demo` is replaced by a fake with its signature.

@@ -51,7 +51,7 @@ def generate(
     Adapters with dropout sample their masks unless `model.eval()` was called.
 
     Args:
-        model: A model of any family (Llama, GPT-2, OPT).
+        model: A model of any family (Llama, GPT-2, OPT), or an `EnsembleLM` of adapters on one.
         prompt_ids: [batch, length] prompt token ids.
         prompt_mask: [batch, length], 1 for real tokens and 0 for padding; `None` for no padding.
         max_new_tokens: The most tokens to add to each prompt.
@@ -148,12 +148,12 @@ def _generate(
 ):
     model = nnx.merge(graphdef, state)
     batch, prompt_length = prompt_ids.shape
-    cache = KVCache.init(
-        model.config,
-        batch_size=batch,
-        capacity=prompt_length + max_new_tokens,
-        dtype=model.dtype,
-    )
+    capacity = prompt_length + max_new_tokens
+    # A model that keeps several caches (an ensemble of adapters, one per member) makes its own.
+    if hasattr(model, "init_cache"):
+        cache = model.init_cache(batch_size=batch, capacity=capacity)
+    else:
+        cache = KVCache.init(model.config, batch_size=batch, capacity=capacity, dtype=model.dtype)
     # On a mesh (`activations_on`), each device keeps the cache rows of its own sequences.
     cache = _rows_split(cache)
     logits, cache = model(prompt_ids, prompt_mask, cache=cache)
@@ -190,9 +190,12 @@ def _generate(
     return Generation(tokens=tokens, lengths=first_end.astype(jnp.int32))
 
 
-def _rows_split(cache: KVCache) -> KVCache:
+def _rows_split(cache: KVCache | tuple[KVCache, ...]) -> KVCache | tuple[KVCache, ...]:
     """`cache` with the rows of its keys, values and mask split over the batch axes of the
-    `activations_on` placement (unchanged outside one)."""
+    `activations_on` placement (unchanged outside one); a tuple of caches (one per ensemble
+    member) has each of them split."""
+    if not isinstance(cache, KVCache):
+        return tuple(map(_rows_split, cache))
     return cache._replace(
         keys=tuple(map(parallel.constrain_rows, cache.keys)),
         values=tuple(map(parallel.constrain_rows, cache.values)),

@@ -8,7 +8,9 @@ the adapter was trained with, lets a registered method compute the update (`get_
 saves and records the result as one recoverable transaction. `retrain` gives the reference
 every method is measured against.
 
-A method is one module implementing `Method` plus one `register` call.
+A method is one module implementing `Method` plus one `register` call. S3T and SISA are
+exact by construction: `train_ensemble` trains their shard models stage by stage, and a
+request falls back to (or retrains from) the checkpoints that never saw the examples.
 """
 
 from jaxunlearn.unlearn._adapter_files import (
@@ -36,6 +38,19 @@ from jaxunlearn.unlearn._deletion_simulator import (
     simulate_sisa_deletions,
 )
 from jaxunlearn.unlearn._digests import examples_digest, file_sha256, tree_digest
+from jaxunlearn.unlearn._ensemble import (
+    ENSEMBLE_FILE,
+    Ensemble,
+    EnsembleError,
+    OpenEnsemble,
+    ShardModel,
+    StageCheckpoint,
+    is_ensemble,
+    open_ensemble,
+    read_ensemble,
+)
+from jaxunlearn.unlearn._ensemble_model import EnsembleLM, MemberLoRA
+from jaxunlearn.unlearn._layer_groups import group_filter, layer_groups, layer_index
 from jaxunlearn.unlearn._ledger import ConflictingRequestError, Ledger, LedgerError, Record
 from jaxunlearn.unlearn._lineage import (
     ARTIFACTS,
@@ -94,11 +109,21 @@ from jaxunlearn.unlearn._requests import (
     resolve_request,
 )
 from jaxunlearn.unlearn._retrain import retrain, retrain_config
+from jaxunlearn.unlearn._sharded_requests import S3T, SISA, S3TSettings, ShardedMethod, SISASettings
+from jaxunlearn.unlearn._sharded_training import (
+    StageRecipe,
+    TrainedEnsemble,
+    partition_examples,
+    retrain_stages,
+    train_ensemble,
+)
 from jaxunlearn.unlearn._slice_orders import cyclic_orders, prior_aware_orders
 from jaxunlearn.unlearn._stale import StaleCopy, purge, stale_copies
 
 # The built-in methods: one entry each.
 register(LLMEraser.name, LLMEraser)
+register(S3T.name, S3T)
+register(SISA.name, SISA)
 
 __all__ = [
     "ADAPTER_FORMATS",
@@ -106,9 +131,12 @@ __all__ = [
     "DEFAULT_LEDGER_NAME",
     "DELETION_RATE_JSON",
     "DELETION_RATE_PLOT",
+    "ENSEMBLE_FILE",
     "MODES",
     "ORDER_SELECTIONS",
     "PEFT_PROVENANCE_FILE",
+    "S3T",
+    "SISA",
     "SOLVERS",
     "ArtifactMismatchError",
     "CGConfig",
@@ -117,6 +145,9 @@ __all__ = [
     "DeletionRateRow",
     "DeletionRateStudy",
     "DeletionSimulation",
+    "Ensemble",
+    "EnsembleError",
+    "EnsembleLM",
     "EraserPreparation",
     "EraserSettings",
     "LLMEraser",
@@ -125,10 +156,12 @@ __all__ = [
     "LineageError",
     "LissaConfig",
     "LowRankConfig",
+    "MemberLoRA",
     "Method",
     "MethodOutcome",
     "NoEffectError",
     "ObjectiveWorsenedError",
+    "OpenEnsemble",
     "PreparationMismatchError",
     "Prepared",
     "Provenance",
@@ -140,9 +173,16 @@ __all__ = [
     "RequestOutcome",
     "ResolvedRequest",
     "ResponseEdit",
+    "S3TSettings",
     "SGDConfig",
+    "SISASettings",
+    "ShardModel",
+    "ShardedMethod",
     "Sources",
+    "StageCheckpoint",
+    "StageRecipe",
     "StaleCopy",
+    "TrainedEnsemble",
     "UnknownExampleError",
     "UnknownMethodError",
     "UnlearningContext",
@@ -157,12 +197,19 @@ __all__ = [
     "expected_sisa_deletions",
     "file_sha256",
     "get_method",
+    "group_filter",
     "id_hash",
+    "is_ensemble",
+    "layer_groups",
+    "layer_index",
     "method_names",
     "open_adapter",
+    "open_ensemble",
+    "partition_examples",
     "prior_aware_orders",
     "purge",
     "read_edits",
+    "read_ensemble",
     "read_prior",
     "read_removal",
     "register",
@@ -171,12 +218,14 @@ __all__ = [
     "resolve_request",
     "retrain",
     "retrain_config",
+    "retrain_stages",
     "save_adapter_files",
     "save_root_adapter",
     "select_orders",
     "simulate_deletions",
     "simulate_sisa_deletions",
     "stale_copies",
+    "train_ensemble",
     "tree_digest",
     "unregister",
     "write_deletion_rate_report",

@@ -22,6 +22,9 @@ In order, under the ledger's lock (so two requests on one lineage make a chain, 
 8. Save and record as one transaction (`_transaction`), then list (or purge) what still
    holds the removed data.
 
+An ensemble (S3T, SISA) goes through the same steps with its manifest in the adapter's place
+(`_sharded_requests`): the method there is a fallback to checkpoints, exact by construction.
+
 On several processes (the hosts of a pod, `jax.distributed`), every process calls
 `apply_request` with the same arguments and takes part in every computation and save; the
 writer (process 0) alone holds the lock, recovers, registers and records, and the others read
@@ -54,6 +57,7 @@ from jaxunlearn.eval import timed
 from jaxunlearn.parallel import ONE_DEVICE, Placement, activations_on
 from jaxunlearn.unlearn._adapter_files import open_adapter, save_adapter_files
 from jaxunlearn.unlearn._digests import examples_digest, file_sha256
+from jaxunlearn.unlearn._ensemble import is_ensemble, read_ensemble
 from jaxunlearn.unlearn._ledger import ConflictingRequestError, Record
 from jaxunlearn.unlearn._lineage import (
     ARTIFACTS,
@@ -82,6 +86,11 @@ from jaxunlearn.unlearn._method import (
 )
 from jaxunlearn.unlearn._outcome_checks import NoEffectError, ObjectiveWorsenedError, check_outcome
 from jaxunlearn.unlearn._requests import Request, ResolvedRequest, resolve_request
+from jaxunlearn.unlearn._sharded_requests import (
+    ShardedMethod,
+    apply_sharded_request,
+    check_sharded_options,
+)
 from jaxunlearn.unlearn._stale import StaleCopy, deletable, purge, stale_copies
 from jaxunlearn.unlearn._transaction import (
     fault_point,
@@ -183,14 +192,17 @@ def apply_request(
     skip_checks: Collection[str] = (),
     purge_stale: bool = False,
     placement: Placement = ONE_DEVICE,
+    progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> RequestOutcome:
     """Applies an unlearning request to an adapter exactly once, and proves it in the ledger.
 
     Args:
         request: A `Removal`, `QueryEdit` or `ResponseEdit`.
-        adapter: The adapter folder to apply it to (jaxunlearn or PEFT format).
-        out: A new folder for the resulting adapter.
+        adapter: The adapter folder to apply it to (jaxunlearn or PEFT format), or an S3T
+            or SISA ensemble folder (`train_ensemble`; method "s3t" or "sisa", which serve
+            the request from its checkpoints, see `S3T`).
+        out: A new folder for the resulting adapter (or ensemble).
         sources: The base model, tokenizer and data the adapter was trained with.
         method: A registered method's name (`method_names()`).
         settings: The method's settings (its `settings_type`; None: its defaults).
@@ -207,6 +219,7 @@ def apply_request(
         placement: Where the model and the method's work live: one device (the default), or
             a mesh (`parallel.Placement(mesh, rules)`) whose devices each read and hold their
             share of the base weights; the result is the same adapter to float32 rounding.
+        progress: Show progress bars of long work (an ensemble's retraining).
         log: Where progress lines go (default: stderr).
 
     Returns:
@@ -234,6 +247,29 @@ def apply_request(
             f"Method {method!r} takes {implementation.settings_type.__name__}, got "
             f"{type(settings).__name__}."
         )
+    if isinstance(implementation, ShardedMethod) or is_ensemble(adapter):
+        if not isinstance(implementation, ShardedMethod):
+            raise UserError(
+                f"{os.fspath(adapter)} is an ensemble of {read_ensemble(adapter).method.upper()}; "
+                f"{method} edits single adapters. Apply requests to an ensemble with --method "
+                f"{read_ensemble(adapter).method}."
+            )
+        check_sharded_options(skip_checks, placement, preparation, save_format)
+        return apply_sharded_request(
+            request,
+            method=implementation,
+            settings=settings,
+            adapter=adapter,
+            out=out,
+            sources=sources,
+            ledger=ledger,
+            branch=branch,
+            allow_edited_removal=allow_edited_removal,
+            skip_checks=skip_checks,
+            purge_stale=purge_stale,
+            progress=progress,
+            log=log,
+        )
     out = pathlib.Path(os.path.abspath(os.fspath(out)))
     opened = open_adapter(adapter, sources.base_model, placement=placement)
     ledger = ledger_for(opened, ledger)
@@ -255,23 +291,16 @@ def apply_request(
         assert provenance is not None
         previous = already_applied(request, provenance, ledger, records)
         if previous is not None:
-            return _repeat_outcome(previous, records, head, ledger, notes)
+            return repeat_outcome(previous, records, head, ledger, notes)
         if out.exists():
             raise FileExistsError(f"{out} exists; choose a new folder for the adapter.")
         check_sources(provenance, sources, skip_checks)
         tokenizer = load_tokenizer(sources.tokenizer_path)
         check_tokenizer_fits(tokenizer, head.model.config)
-        current = current_examples(
-            sources.load_examples(),
-            provenance,
-            removed=provenance.removed,
-            keyed_id=lambda example_id: ledger.keyed(example_id, purpose="id"),
-            source=os.fspath(sources.data),
-            check_contents="data" not in skip_checks,
-        )
-        resolved = _resolve(request, current.examples, current.dropped, provenance, ledger)
-        _check_edited_removal(resolved, provenance, allow_edited_removal)
-        tokenization = _tokenization(provenance, sources, head.model)
+        current = examples_now(sources, provenance, ledger, skip_checks)
+        resolved = resolve_against(request, current.examples, current.dropped, provenance, ledger)
+        check_edited_removal(resolved, provenance, allow_edited_removal)
+        tokenization = trained_tokenization(provenance, sources, head.model)
         data = tokenize_examples(current.examples, tokenizer, **tokenization)
         context = UnlearningContext(
             model=head.model,
@@ -335,7 +364,7 @@ def apply_request(
         )
 
 
-def _repeat_outcome(intent: Record, records, head, ledger, notes) -> RequestOutcome:
+def repeat_outcome(intent: Record, records, head, ledger, notes) -> RequestOutcome:
     message = (
         f"This {intent['kind']} request was already applied on this lineage (ledger "
         f"{ledger.path}, record {intent.sequence}, {intent['method']}, {intent.created}); its "
@@ -361,7 +390,7 @@ def _repeat_outcome(intent: Record, records, head, ledger, notes) -> RequestOutc
 # 6. Resolution against the current training set.
 
 
-def _resolve(request, examples, dropped, provenance, ledger) -> ResolvedRequest:
+def resolve_against(request, examples, dropped, provenance, ledger) -> ResolvedRequest:
     removed_ids = {example.id for example in dropped}
     touched = [example_id for example_id in request.ids if example_id in removed_ids]
     if touched:
@@ -373,7 +402,7 @@ def _resolve(request, examples, dropped, provenance, ledger) -> ResolvedRequest:
     return resolve_request(request, examples)
 
 
-def _check_edited_removal(resolved: ResolvedRequest, provenance, allow: bool) -> None:
+def check_edited_removal(resolved: ResolvedRequest, provenance, allow: bool) -> None:
     if resolved.kind != "removal" or allow:
         return
     edited = set(provenance.edited)
@@ -386,7 +415,7 @@ def _check_edited_removal(resolved: ResolvedRequest, provenance, allow: bool) ->
         )
 
 
-def _tokenization(provenance: Provenance, sources: Sources, model) -> dict[str, Any]:
+def trained_tokenization(provenance: Provenance, sources: Sources, model) -> dict[str, Any]:
     """How the adapter's data is tokenized: as trained (the request's gradients and curvature
     must see the very token ids and padded lengths it was trained on), unless overridden."""
     trained = provenance.tokenization or {}
@@ -438,37 +467,9 @@ def _save_and_record(
 ) -> RequestOutcome:
     provenance = head.provenance
     keyed_ids = [ledger.keyed(example.id, purpose="id") for example in resolved.affected]
-    sequence = len(ledger.records())
-    key = ledger.keyed(request_key(resolved.request), purpose="request")
-    fingerprint = ledger.keyed(resolved.fingerprint, purpose="fingerprint")
-    applied = {
-        "record": sequence,
-        "kind": resolved.kind,
-        "method": method.name,
-        "request_key": key,
-        "fingerprint": fingerprint,
-        "num_examples": len(resolved.affected),
-        "approximate": bool(outcome.approximate),
-    }
-    after = resolved.examples_after
-    edited = list(provenance.edited)
-    if resolved.kind != "removal":
-        edited += [example.id for example in resolved.affected if example.id not in edited]
-    else:
-        removed_ids = {example.id for example in resolved.affected}
-        edited = [example_id for example_id in edited if example_id not in removed_ids]
-    new_provenance = provenance.replace(
-        example_ids=tuple(example.id for example in after),
-        example_hashes=tuple(example.content_hash for example in after),
-        data={**provenance.data, "digest": examples_digest(after)},
-        ledger={"id": ledger.id, "path": ledger.path},
-        parent=parent_digest,
-        requests=(*provenance.requests, applied),
-        removed=(*provenance.removed, *keyed_ids)
-        if resolved.kind == "removal"
-        else provenance.removed,
-        edited=tuple(edited),
-    )
+    applied = applied_entry(ledger, resolved, method.name, approximate=outcome.approximate)
+    sequence = applied["record"]
+    new_provenance = provenance_after(provenance, resolved, applied, ledger, parent_digest)
     description = {
         name: value
         for name, value in head.metadata.items()
@@ -491,7 +492,7 @@ def _save_and_record(
     new_digest = adapter_digest(new_model, new_provenance)  # every process: a gather
     with processes.step("jaxunlearn: request committed"):
         if writer:
-            _commit(
+            commit_request(
                 ledger,
                 sequence,
                 parent=parent_digest,
@@ -499,13 +500,13 @@ def _save_and_record(
                 adapter=os.fspath(out),
                 adapter_digest=new_digest,
                 staged=os.fspath(staged),
-                request_key=key,
-                fingerprint=fingerprint,
+                request_key=applied["request_key"],
+                fingerprint=applied["fingerprint"],
                 id_hashes=keyed_ids,
                 kind=resolved.kind,
                 num_examples=len(resolved.affected),
                 method=method.name,
-                settings=finite(_settings_json(settings)),
+                settings=finite(settings_json(settings)),
                 approximate=bool(outcome.approximate),
                 converged=outcome.converged,
                 figures=finite(dict(figures)),
@@ -528,7 +529,59 @@ def _save_and_record(
     )
 
 
-def _commit(ledger, sequence: int, /, **intent) -> None:
+def provenance_after(provenance, resolved, applied, ledger, parent_digest) -> Provenance:
+    """The provenance of the adapter a request makes: the training set after it, the request
+    appended (`applied`, its record in the lineage), the removed ids keyed by the ledger."""
+    keyed_ids = [ledger.keyed(example.id, purpose="id") for example in resolved.affected]
+    after = resolved.examples_after
+    edited = list(provenance.edited)
+    if resolved.kind != "removal":
+        edited += [example.id for example in resolved.affected if example.id not in edited]
+    else:
+        removed_ids = {example.id for example in resolved.affected}
+        edited = [example_id for example_id in edited if example_id not in removed_ids]
+    return provenance.replace(
+        example_ids=tuple(example.id for example in after),
+        example_hashes=tuple(example.content_hash for example in after),
+        data={**provenance.data, "digest": examples_digest(after)},
+        ledger={"id": ledger.id, "path": ledger.path},
+        parent=parent_digest,
+        requests=(*provenance.requests, applied),
+        removed=(*provenance.removed, *keyed_ids)
+        if resolved.kind == "removal"
+        else provenance.removed,
+        edited=tuple(edited),
+    )
+
+
+def examples_now(sources, provenance, ledger, skip_checks):
+    """The adapter's current training set out of the data file (`current_examples`): what
+    earlier requests removed left out, each example checked against what it was trained on."""
+    return current_examples(
+        sources.load_examples(),
+        provenance,
+        removed=provenance.removed,
+        keyed_id=lambda example_id: ledger.keyed(example_id, purpose="id"),
+        source=os.fspath(sources.data),
+        check_contents="data" not in skip_checks,
+    )
+
+
+def applied_entry(ledger, resolved: ResolvedRequest, method: str, *, approximate) -> dict:
+    """The request as the new adapter's provenance lists it, numbered by the ledger record
+    its intent is about to take (the caller holds the ledger's lock)."""
+    return {
+        "record": len(ledger.records()),
+        "kind": resolved.kind,
+        "method": method,
+        "request_key": ledger.keyed(request_key(resolved.request), purpose="request"),
+        "fingerprint": ledger.keyed(resolved.fingerprint, purpose="fingerprint"),
+        "num_examples": len(resolved.affected),
+        "approximate": bool(approximate),
+    }
+
+
+def commit_request(ledger, sequence: int, /, **intent) -> None:
     """The writer's transaction: intent (with the staged files' digest), rename, commit."""
     staged, out = intent["staged"], intent["adapter"]
     fault_point("staged")
@@ -542,7 +595,7 @@ def _commit(ledger, sequence: int, /, **intent) -> None:
     fault_point("committed")
 
 
-def _settings_json(settings) -> dict[str, Any]:
+def settings_json(settings) -> dict[str, Any]:
     if dataclasses.is_dataclass(settings):
         return json.loads(json.dumps(dataclasses.asdict(settings), default=str))
     return {}

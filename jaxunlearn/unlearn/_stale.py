@@ -82,17 +82,24 @@ def stale_copies(records: Sequence[Record], digest: str, sources) -> list[StaleC
                 "the fine-tune's checkpoints, trained on every example",
             )
         )
-    if removed_any and os.path.exists(sources.data):
-        copies.append(
-            StaleCopy(
-                os.path.abspath(sources.data),
-                "data",
-                "the training data file still holds the removed examples (your file: edit it "
-                "yourself; purging leaves it alone)",
-                purgeable=False,
-            )
-        )
+    if removed_any:
+        copies.extend(data_copy(sources))
     return _unique(copies)
+
+
+def data_copy(sources) -> list[StaleCopy]:
+    """The training data file, which still holds removed examples: named, never purged."""
+    if not os.path.exists(sources.data):
+        return []
+    return [
+        StaleCopy(
+            os.path.abspath(sources.data),
+            "data",
+            "the training data file still holds the removed examples (your file: edit it "
+            "yourself; purging leaves it alone)",
+            purgeable=False,
+        )
+    ]
 
 
 def deletable(copies: Sequence[StaleCopy], /) -> tuple[str, ...]:
