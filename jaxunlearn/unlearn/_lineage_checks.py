@@ -261,13 +261,14 @@ def known_adapters(records: Sequence[Record]) -> dict[str, Record]:
     return known
 
 
-def lineage_head(
-    opened, digest, records, sources, branch, notes, placement: Placement = ONE_DEVICE
-) -> tuple[OpenAdapter, str]:
-    if branch:
-        return opened, digest
+def newest_record(known: dict[str, Record], digest: str, noun: str) -> Record | None:
+    """The committed intent that wrote the newest descendant of `digest` (None: it has none).
+
+    Raises:
+        LineageError: If the lineage branches after `digest` (two requests on one parent).
+    """
     children: dict[str, list[Record]] = {}
-    for record in known_adapters(records).values():
+    for record in known.values():
         if record.type == "intent":
             children.setdefault(record["parent"], []).append(record)
     current, head_record = digest, None
@@ -276,13 +277,23 @@ def lineage_head(
         if len(successors) > 1:
             paths = ", ".join(record["adapter"] for record in successors)
             raise LineageError(
-                f"The lineage branches after adapter {current[:12]}: {paths}. Pass the "
-                "adapter to extend, or branch=True (--branch) to apply to this one."
+                f"The lineage branches after {noun} {current[:12]}: {paths}. Pass the {noun} "
+                "to extend, or branch=True (--branch) to apply to this one."
             )
         head_record = successors[0]
         current = head_record["adapter_digest"]
+    return head_record
+
+
+def lineage_head(
+    opened, digest, records, sources, branch, notes, placement: Placement = ONE_DEVICE
+) -> tuple[OpenAdapter, str]:
+    if branch:
+        return opened, digest
+    head_record = newest_record(known_adapters(records), digest, "adapter")
     if head_record is None:
         return opened, digest
+    current = head_record["adapter_digest"]
     head = open_adapter(head_record["adapter"], sources.base_model, placement=placement)
     if adapter_digest(head.model, head.provenance) != current:
         raise LineageError(

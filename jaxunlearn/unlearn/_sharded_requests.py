@@ -53,6 +53,7 @@ from jaxunlearn.unlearn._lineage_checks import (
     check_sources,
     known_adapters,
     ledger_for,
+    newest_record,
 )
 from jaxunlearn.unlearn._requests import Request, RequestError, ResolvedRequest
 from jaxunlearn.unlearn._sharded_training import retrain_stages
@@ -351,23 +352,10 @@ def _final_folder(staged) -> str:
 
 
 def _head(opened, known: dict[str, Record], sources, notes):
-    children: dict[str, list[Record]] = {}
-    for record in known.values():
-        if record.type == "intent":
-            children.setdefault(record["parent"], []).append(record)
-    current, head_record = opened.digest, None
-    while current in children:
-        successors = children[current]
-        if len(successors) > 1:
-            paths = ", ".join(record["adapter"] for record in successors)
-            raise LineageError(
-                f"The lineage branches after ensemble {current[:12]}: {paths}. Pass the ensemble "
-                "to extend, or branch=True (--branch) to apply to this one."
-            )
-        head_record = successors[0]
-        current = head_record["adapter_digest"]
+    head_record = newest_record(known, opened.digest, "ensemble")
     if head_record is None:
         return opened
+    current = head_record["adapter_digest"]
     head = open_ensemble(head_record["adapter"], sources.base_model)
     if head.digest != current:
         raise LineageError(
