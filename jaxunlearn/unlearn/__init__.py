@@ -8,9 +8,11 @@ the adapter was trained with, lets a registered method compute the update (`get_
 saves and records the result as one recoverable transaction. `retrain` gives the reference
 every method is measured against.
 
-A method is one module implementing `Method` plus one `register` call. S3T and SISA are
-exact by construction: `train_ensemble` trains their shard models stage by stage, and a
-request falls back to (or retrains from) the checkpoints that never saw the examples.
+A method is one module implementing `Method` plus one `register` call. `ModuleRemoval`
+resets the LoRA modules a request's gradient dominates and restores them by a short fine-tune.
+S3T and SISA are exact by construction: `train_ensemble` trains their shard models stage by
+stage, and a request falls back to (or retrains from) the checkpoints that never saw the
+examples.
 """
 
 from jaxunlearn.unlearn._adapter_files import (
@@ -84,6 +86,15 @@ from jaxunlearn.unlearn._method import (
     register,
     unregister,
 )
+from jaxunlearn.unlearn._module_removal import (
+    RESTORE_MODES,
+    ModuleRemoval,
+    ModuleRemovalSettings,
+    ModuleScores,
+    module_scores,
+    reset_modules,
+    select_modules,
+)
 from jaxunlearn.unlearn._protocol import (
     DEFAULT_LEDGER_NAME,
     LineageError,
@@ -124,6 +135,7 @@ from jaxunlearn.unlearn._stale import StaleCopy, purge, stale_copies
 register(LLMEraser.name, LLMEraser)
 register(S3T.name, S3T)
 register(SISA.name, SISA)
+register(ModuleRemoval.name, ModuleRemoval)
 
 __all__ = [
     "ADAPTER_FORMATS",
@@ -135,6 +147,7 @@ __all__ = [
     "MODES",
     "ORDER_SELECTIONS",
     "PEFT_PROVENANCE_FILE",
+    "RESTORE_MODES",
     "S3T",
     "SISA",
     "SOLVERS",
@@ -159,6 +172,9 @@ __all__ = [
     "MemberLoRA",
     "Method",
     "MethodOutcome",
+    "ModuleRemoval",
+    "ModuleRemovalSettings",
+    "ModuleScores",
     "NoEffectError",
     "ObjectiveWorsenedError",
     "OpenEnsemble",
@@ -203,6 +219,7 @@ __all__ = [
     "layer_groups",
     "layer_index",
     "method_names",
+    "module_scores",
     "open_adapter",
     "open_ensemble",
     "partition_examples",
@@ -215,12 +232,14 @@ __all__ = [
     "register",
     "register_adapter",
     "request_key",
+    "reset_modules",
     "resolve_request",
     "retrain",
     "retrain_config",
     "retrain_stages",
     "save_adapter_files",
     "save_root_adapter",
+    "select_modules",
     "select_orders",
     "simulate_deletions",
     "simulate_sisa_deletions",

@@ -10,7 +10,9 @@ A method is one module that declares:
 
 The method computes and nothing else: `apply_request` checks the request against the
 adapter's lineage and the ledger before calling it, checks its outcome (finite, changes
-something, does not make the objective after the request worse), and saves and records it.
+something, does not make the objective after the request worse; a method whose update is a
+fine-tune of that objective sets `refuses_worse_objective = False` to have a worse one
+reported as a note instead), and saves and records it.
 Adding a method is this module's protocol implemented once plus one `register` call.
 """
 

@@ -46,7 +46,16 @@ class ObjectiveWorsenedError(UserError, RuntimeError):
     """The update makes the objective after the request worse on a held sample."""
 
 
-def check_outcome(outcome, context, resolved, tokenizer, tokenization, settings) -> dict:
+def check_outcome(
+    outcome, context, resolved, tokenizer, tokenization, settings, *, refuse_worse: bool = True
+) -> tuple[dict, list[str]]:
+    """The figures of the checks, and notes for the user.
+
+    `refuse_worse=False` is for methods whose update is itself a fine-tune of the objective
+    after the request (module removal's restoration): a worse objective there means a budget
+    too small for the utility the user wants, not a step in a wrong direction, so it is
+    reported as a note rather than refused.
+    """
     graphdef, before, base = curvature.split_for_curvature(context.model)
     after = outcome.lora
     if jax.tree.structure(after) != jax.tree.structure(before):
@@ -67,9 +76,17 @@ def check_outcome(outcome, context, resolved, tokenizer, tokenization, settings)
     penalty = _penalty(settings, context)
     objective_before = _objective(graphdef, before, base, held, penalty)
     objective_after = _objective(graphdef, after, base, held, penalty)
-    if not math.isfinite(objective_after) or objective_after > objective_before * (
-        1 + OBJECTIVE_TOLERANCE
-    ):
+    notes = []
+    worse = objective_after > objective_before * (1 + OBJECTIVE_TOLERANCE)
+    if math.isfinite(objective_after) and worse and not refuse_worse:
+        rise = 100 * (objective_after / objective_before - 1)
+        notes.append(
+            f"The objective after the request is {rise:.3g}% "
+            f"worse on a held sample of the retained data ({objective_before:.4g} before, "
+            f"{objective_after:.4g} after): the restoration's budget did not recover the "
+            "utility the reset took; a larger budget (--restore-steps) recovers more."
+        )
+    elif not math.isfinite(objective_after) or worse:
         raise ObjectiveWorsenedError(
             f"The update makes the objective after the request worse on a held sample of "
             f"{sum(curvature.real_examples(batch) for batch in held)} examples: "
@@ -77,11 +94,12 @@ def check_outcome(outcome, context, resolved, tokenizer, tokenization, settings)
             f"{100 * OBJECTIVE_TOLERANCE:g}% worse); nothing was written. Try a larger damping, "
             "more solver steps, or the Gauss-Newton curvature."
         )
-    return {
+    figures = {
         "relative_change": relative_change,
         "held_objective_before": objective_before,
         "held_objective_after": objective_after,
     }
+    return figures, notes
 
 
 def _held_batches(context, resolved, tokenizer, tokenization):

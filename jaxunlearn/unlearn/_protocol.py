@@ -320,7 +320,16 @@ def apply_request(
             warm_up=lambda: implementation.warm_up(context, resolved, settings, prepared),
         )
         outcome: MethodOutcome = measured.value
-        checks = check_outcome(outcome, context, resolved, tokenizer, tokenization, settings)
+        checks, check_notes = check_outcome(
+            outcome,
+            context,
+            resolved,
+            tokenizer,
+            tokenization,
+            settings,
+            refuse_worse=getattr(implementation, "refuses_worse_objective", True),
+        )
+        notes.extend(check_notes)
         figures = {
             **outcome.figures,
             **checks,
