@@ -11,6 +11,8 @@
         --data corpus/train.jsonl --edit-responses corrections.jsonl --out corrected/ --json
     jaxunlearn plan --model Llama-2-13B --mesh fsdp=8 --batch 8   # memory, before a pod
     jaxunlearn simulate-deletions --shards 5 --slices 6 --budget 1 --budget 6 --sisa --out rate/
+    jaxunlearn audit --model base/ --data corpus/train.jsonl --forget-file forget.txt \\
+        --positive unlearned-*/ --negative retrained-*/ --out audit/   # a lower bound on ε
     jaxunlearn demo                # fine-tune, unlearn, retrain and compare on the default
     jaxunlearn defaults            # build (or show) the cached embedded default
 
@@ -90,6 +92,7 @@ def _method_asked(argv: list[str]) -> str:
 
 
 def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
+    from jaxunlearn.eval import AUDIT_DIRECTIONS, AUDIT_STATISTICS
     from jaxunlearn.unlearn import ADAPTER_FORMATS, get_method, method_names
 
     parser = argparse.ArgumentParser(
@@ -431,6 +434,56 @@ def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
     )
     simulate.set_defaults(run=_simulate_deletions)
 
+    audit = commands.add_parser(
+        "audit",
+        help="a lower bound on ε: how well unlearned adapters can be told from retrained ones",
+        description="An empirical ε audit: one distinguisher score per adapter (the mean "
+        "membership score of the forget set under it), unlearned adapters (--positive, one per "
+        "seed) against retrained ones (--negative), and the Clopper-Pearson lower bound on ε "
+        "with Pr[unlearned in S] <= e^ε Pr[retrained in S] + δ, valid at confidence 1 - α. "
+        "Every threshold is searched (the confidence split over them) unless --threshold fixes "
+        "one chosen beforehand. Writes audit.json, audit.md and audit.png into --out.",
+    )
+    audit.add_argument("--positive", nargs="+", metavar="DIR", help="unlearned adapters")
+    audit.add_argument("--negative", nargs="+", metavar="DIR", help="retrained adapters")
+    audit.add_argument(
+        "--scores",
+        metavar="FILE",
+        help='audit scores computed elsewhere instead: JSON {"positives": [...], '
+        '"negatives": [...]}, one number per model, higher meaning more member-like',
+    )
+    audit.add_argument("--model", help="base checkpoint folder (with --positive/--negative)")
+    _add_data_arguments(audit, data_required=False)
+    forget = audit.add_mutually_exclusive_group()
+    forget.add_argument("--forget", metavar="IDS", help="comma-separated ids of the forget set")
+    forget.add_argument("--forget-file", metavar="FILE", help="ids of the forget set, one a line")
+    audit.add_argument(
+        "--statistic",
+        choices=AUDIT_STATISTICS,
+        default="loss",
+        help="the per-adapter score: the mean of this attack's per-example score (loss)",
+    )
+    audit.add_argument("--batch-size", type=int, default=32, help="rows per scoring batch (32)")
+    audit.add_argument("--alpha", type=float, default=0.05, help="1 - confidence (0.05)")
+    audit.add_argument("--delta", type=float, default=0.0, help="the δ of (ε, δ) (0)")
+    audit.add_argument(
+        "--threshold",
+        type=float,
+        help="one threshold fixed before seeing these scores (e.g. on held-out seeds)",
+    )
+    audit.add_argument(
+        "--direction",
+        choices=AUDIT_DIRECTIONS,
+        help="with --threshold: unlearned predicted when the score is >= it (high) or <= it "
+        "(low) (default: both, the confidence split over the two)",
+    )
+    audit.add_argument("--name", default="audit", help="the audit's name in the report")
+    audit.add_argument("--out", help="folder for audit.json, audit.md and audit.png")
+    audit.add_argument(
+        "--json", action="store_true", help="print the audit as JSON alone on stdout"
+    )
+    audit.set_defaults(run=_audit)
+
     defaults = commands.add_parser(
         "defaults",
         help="build (once) and show the embedded default tokenizer, model and corpus",
@@ -516,11 +569,95 @@ def _simulate_deletions(options) -> int:
     return 0
 
 
+def _audit(options) -> int:
+    from jaxunlearn.eval import (
+        adapter_statistics,
+        epsilon_lower_bound,
+        read_audit_scores,
+        write_audit_report,
+    )
+
+    adapters = {"--positive": options.positive, "--negative": options.negative}
+    if options.scores is not None:
+        given = [flag for flag, value in adapters.items() if value]
+        if given:
+            raise SettingsError(f"--scores audits given scores; {' and '.join(given)} too")
+        positives, negatives = read_audit_scores(options.scores)
+    else:
+        missing = [flag for flag, value in adapters.items() if not value]
+        if missing:
+            raise SettingsError(f"{' and '.join(missing)} needed (adapters), or --scores FILE")
+        forget = _forget_set(options)
+        batch = dict(base_model=options.model, statistic=options.statistic)
+        batch["batch_size"] = options.batch_size
+        positives = adapter_statistics(options.positive, forget, **batch)
+        negatives = adapter_statistics(options.negative, forget, **batch)
+    if options.direction is not None and options.threshold is None:
+        raise SettingsError("--direction goes with --threshold (a search tries both)")
+    result = epsilon_lower_bound(
+        positives,
+        negatives,
+        alpha=options.alpha,
+        delta=options.delta,
+        threshold=options.threshold,
+        direction=options.direction,
+    )
+    written = {}
+    if options.out is not None:
+        written = write_audit_report(
+            {options.name: result}, options.out, scores={options.name: (positives, negatives)}
+        )
+    if options.json:
+        summary = {
+            "name": options.name,
+            "statistic": None if options.scores else options.statistic,
+            **result.to_json(),
+            "positive_scores": [float(value) for value in positives],
+            "negative_scores": [float(value) for value in negatives],
+            "written": {kind: os.fspath(path) for kind, path in written.items()},
+        }
+        print(strict_dumps(summary, indent=2))
+    else:
+        print(result.summary())
+        for path in written.values():
+            print(f"Wrote {path}")
+    return 0
+
+
+def _forget_set(options):
+    """The forget set `--forget`/`--forget-file` names, tokenized as `finetune` trains."""
+    from jaxunlearn.data import check_tokenizer_fits, load_examples, load_tokenizer
+    from jaxunlearn.models import load_config
+    from jaxunlearn.unlearn import Removal, read_removal, resolve_request
+
+    needed = {"--model": options.model, "--data": options.data}
+    needed["--forget or --forget-file"] = options.forget or options.forget_file
+    missing = [flag for flag, value in needed.items() if not value]
+    if missing:
+        raise SettingsError(f"scoring adapters needs {', '.join(missing)}")
+    if options.forget is not None:
+        request = Removal([item.strip() for item in options.forget.split(",") if item.strip()])
+    else:
+        request = read_removal(options.forget_file)
+    examples = load_examples(options.data, **_columns(options))
+    affected = resolve_request(request, examples).affected
+    config = load_config(options.model)
+    tokenizer = load_tokenizer(options.tokenizer or options.model)
+    check_tokenizer_fits(tokenizer, config)
+    max_length = options.max_length or config.max_position_embeddings
+    return _tokenized(affected, tokenizer, max_length=max_length, truncate=options.truncate)
+
+
 def _add_data_arguments(
-    parser: argparse.ArgumentParser, *, max_length_default: str = "the model's context"
+    parser: argparse.ArgumentParser,
+    *,
+    max_length_default: str = "the model's context",
+    data_required: bool = True,
 ) -> None:
     """The training data and how it is tokenized: shared so finetune and unlearn agree."""
-    parser.add_argument("--data", required=True, help="JSONL, CSV, Parquet or datasets dir")
+    parser.add_argument(
+        "--data", required=data_required, help="JSONL, CSV, Parquet or datasets dir"
+    )
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
     parser.add_argument("--prompt-column", default="prompt")
     parser.add_argument("--response-column", default="response")

@@ -4,12 +4,14 @@ Figures are built with `matplotlib.figure.Figure` and its Agg canvas, never thro
 no global figure registry to leak into, no GUI backend, and nothing to close afterwards.
 """
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from jaxunlearn.eval._mia import mia_auc
 
@@ -106,6 +108,81 @@ def plot_score_histograms(
         axes.set_xlabel(score_name)
         axes.set_ylabel("examples")
         axes.legend()
+    return _save(figure, path)
+
+
+def plot_module_scores(
+    path: str | os.PathLike,
+    scores: Mapping[str, float],
+    /,
+    *,
+    reset: Collection[str] = (),
+    title: str = "Forget-set gradient norm per LoRA module",
+) -> str | os.PathLike:
+    """Draws module scores as a grid of decoder layer (rows) × projection (columns).
+
+    Module names are dotted NNX paths (`model.layers.3.self_attn.q_proj`); the integer after
+    `layers` or `h` is the layer, what follows it the projection. Reset modules are outlined.
+
+    Args:
+        path: The PNG file to write.
+        scores: {module name: score}, as module removal reports them.
+        reset: The names of the modules that were reset.
+        title: The figure title.
+
+    Returns:
+        `path`.
+
+    Raises:
+        ValueError: If there is no score, a score is not finite, or a name has no layer index.
+    """
+    if not scores:
+        raise ValueError("No module score to plot.")
+    cells = {}
+    for name, score in scores.items():
+        parts = name.split(".")
+        where = next(
+            (
+                i
+                for i in range(len(parts) - 1)
+                if parts[i] in ("layers", "h") and parts[i + 1].isdigit()
+            ),
+            None,
+        )
+        if where is None:
+            raise ValueError(f"Module {name!r} names no decoder layer.")
+        if not math.isfinite(score):
+            raise ValueError(f"Module {name!r} has a score that is not finite: {score}.")
+        cells[(int(parts[where + 1]), ".".join(parts[where + 2 :]))] = (float(score), name)
+    layers = sorted({layer for layer, _ in cells})
+    projections = list(dict.fromkeys(projection for _, projection in sorted(cells)))
+    grid = np.full((len(layers), len(projections)), np.nan)
+    for (layer, projection), (score, _) in cells.items():
+        grid[layers.index(layer), projections.index(projection)] = score
+    figure = Figure(
+        figsize=(1.2 * len(projections) + 2.5, 0.35 * len(layers) + 1.8), layout="constrained"
+    )
+    axes = figure.subplots()
+    image = axes.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    figure.colorbar(image, ax=axes, label="score")
+    chosen = set(reset)
+    for (layer, projection), (_, name) in cells.items():
+        if name in chosen:
+            axes.add_patch(
+                Rectangle(
+                    (projections.index(projection) - 0.5, layers.index(layer) - 0.5),
+                    1,
+                    1,
+                    fill=False,
+                    edgecolor="red",
+                    linewidth=2,
+                )
+            )
+    axes.set_xticks(range(len(projections)), projections, rotation=45, ha="right")
+    axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    axes.set_xlabel("projection")
+    axes.set_ylabel("decoder layer")
+    axes.set_title(title + (f" ({len(chosen)} reset, outlined)" if chosen else ""))
     return _save(figure, path)
 
 

@@ -12,7 +12,10 @@ A method is one module implementing `Method` plus one `register` call. `ModuleRe
 resets the LoRA modules a request's gradient dominates and restores them by a short fine-tune.
 S3T and SISA are exact by construction: `train_ensemble` trains their shard models stage by
 stage, and a request falls back to (or retrains from) the checkpoints that never saw the
-examples.
+examples. Where the objective is convex (a logistic head on frozen features, trained with a
+random linear perturbation), `train_certified_head` and `remove_certified` give removals with an
+(ε, δ) certificate instead: one Newton step each, its gradient residual bounded and spent from
+a budget, and a retrain once the budget is gone.
 """
 
 from jaxunlearn.unlearn._adapter_files import (
@@ -20,6 +23,22 @@ from jaxunlearn.unlearn._adapter_files import (
     adapter_format,
     open_adapter,
     save_adapter_files,
+)
+from jaxunlearn.unlearn._certified_removal import (
+    GRADIENT_BOUND,
+    HESSIAN_LIPSCHITZ,
+    CertificationError,
+    CertifiedHead,
+    RemovalCertificate,
+    data_dependent_residual_bound,
+    newton_step_residual_bound,
+    noise_multiplier,
+    noise_scale,
+    removal_budget,
+    remove_certified,
+    retrain_certified_head,
+    train_certified_head,
+    worst_case_residual_bound,
 )
 from jaxunlearn.unlearn._deletion_rate_report import (
     DELETION_RATE_JSON,
@@ -144,6 +163,8 @@ __all__ = [
     "DELETION_RATE_JSON",
     "DELETION_RATE_PLOT",
     "ENSEMBLE_FILE",
+    "GRADIENT_BOUND",
+    "HESSIAN_LIPSCHITZ",
     "MODES",
     "ORDER_SELECTIONS",
     "PEFT_PROVENANCE_FILE",
@@ -153,6 +174,8 @@ __all__ = [
     "SOLVERS",
     "ArtifactMismatchError",
     "CGConfig",
+    "CertificationError",
+    "CertifiedHead",
     "ConflictingRequestError",
     "CurvatureSettings",
     "DeletionRateRow",
@@ -184,6 +207,7 @@ __all__ = [
     "QueryEdit",
     "Record",
     "Removal",
+    "RemovalCertificate",
     "Request",
     "RequestError",
     "RequestOutcome",
@@ -207,6 +231,7 @@ __all__ = [
     "adapter_format",
     "apply_request",
     "cyclic_orders",
+    "data_dependent_residual_bound",
     "deletion_rate_study",
     "examples_digest",
     "expected_deletions",
@@ -220,6 +245,9 @@ __all__ = [
     "layer_index",
     "method_names",
     "module_scores",
+    "newton_step_residual_bound",
+    "noise_multiplier",
+    "noise_scale",
     "open_adapter",
     "open_ensemble",
     "partition_examples",
@@ -231,10 +259,13 @@ __all__ = [
     "read_removal",
     "register",
     "register_adapter",
+    "removal_budget",
+    "remove_certified",
     "request_key",
     "reset_modules",
     "resolve_request",
     "retrain",
+    "retrain_certified_head",
     "retrain_config",
     "retrain_stages",
     "save_adapter_files",
@@ -244,8 +275,10 @@ __all__ = [
     "simulate_deletions",
     "simulate_sisa_deletions",
     "stale_copies",
+    "train_certified_head",
     "train_ensemble",
     "tree_digest",
     "unregister",
+    "worst_case_residual_bound",
     "write_deletion_rate_report",
 ]

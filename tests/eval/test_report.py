@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from jaxunlearn.eval import markdown_table, plot_forget_losses, plot_score_histograms
+from jaxunlearn.eval import (
+    markdown_table,
+    plot_forget_losses,
+    plot_module_scores,
+    plot_score_histograms,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -36,6 +41,24 @@ def test_score_histogram_plot(tmp_path):
     _assert_png(path)
     with pytest.raises(ValueError, match="different models"):
         plot_score_histograms(tmp_path / "bad.png", member, {"original": nonmember["original"]})
+
+
+def test_module_score_grid_plot(tmp_path):
+    scores = {
+        f"model.layers.{layer}.self_attn.{projection}": float(layer + index)
+        for layer in range(4)
+        for index, projection in enumerate(("q_proj", "v_proj"))
+    }
+    path = tmp_path / "scores.png"
+    reset = ["model.layers.3.self_attn.v_proj"]
+    assert plot_module_scores(path, scores, reset=reset) == path
+    _assert_png(path)
+    with pytest.raises(ValueError, match="names no decoder layer"):
+        plot_module_scores(tmp_path / "bad.png", {"lm_head": 1.0})
+    with pytest.raises(ValueError, match="not finite"):
+        plot_module_scores(tmp_path / "bad.png", {"model.layers.0.q_proj": float("nan")})
+    with pytest.raises(ValueError, match="No module score"):
+        plot_module_scores(tmp_path / "bad.png", {})
 
 
 def test_markdown_table():
