@@ -57,11 +57,9 @@ from jaxunlearn.unlearn import (
     Removal,
     ResponseEdit,
     Sources,
-    UnlearningContext,
-    adapter_digest,
     apply_request,
-    examples_digest,
     open_adapter,
+    open_context,
     resolve_request,
     retrain,
     save_root_adapter,
@@ -146,7 +144,9 @@ def main() -> None:
             config,
             demo,
         )
-        context = _context(adapter, assets.model_dir, examples, data, tokenizer)
+        context = open_context(
+            adapter, assets.model_dir, examples=examples, data=data, tokenizer=tokenizer
+        )
 
         settings, prepare_seconds = {}, {}
         for solver in options.solvers:
@@ -262,20 +262,6 @@ def _save_original(model, path, ledger, assets, examples, data, config, demo):
         lora_settings=demo.lora_settings(),
     )
     return path
-
-
-def _context(adapter, base_model, examples, data, tokenizer) -> UnlearningContext:
-    """What apply_request shows the method for a request on `adapter` (its first request)."""
-    opened = open_adapter(adapter, base_model)
-    return UnlearningContext(
-        model=opened.model,
-        examples=examples,
-        data=data,
-        tokenizer=tokenizer,
-        adapter_digest=adapter_digest(opened.model, opened.provenance),
-        data_digest=examples_digest(examples),
-        train_config=opened.provenance.train_config,
-    )
 
 
 def _prepare(context, settings, damping_rule, path):

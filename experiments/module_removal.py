@@ -29,9 +29,8 @@ import numpy as np
 from flax import nnx
 
 from jaxunlearn.adapter import attach_lora
-from jaxunlearn.data import tokenize_examples
 from jaxunlearn.defaults import ensure_defaults
-from jaxunlearn.demo import DemoSettings
+from jaxunlearn.demo import DemoSettings, demo_data
 from jaxunlearn.eval import (
     forget_gap_closed,
     markdown_table,
@@ -47,10 +46,7 @@ from jaxunlearn.unlearn import (
     ModuleRemoval,
     ModuleRemovalSettings,
     Removal,
-    UnlearningContext,
-    adapter_digest,
-    examples_digest,
-    open_adapter,
+    open_context,
     resolve_request,
     retrain,
     save_root_adapter,
@@ -82,20 +78,9 @@ def main() -> None:
     progress = not options.no_progress
 
     assets = ensure_defaults(options.cache_dir, progress=progress)
-    corpus, tokenizer, recipe = assets.corpus(), assets.tokenizer(), assets.recipe
-
-    def tokenized(items):
-        return tokenize_examples(
-            items, tokenizer, max_length=recipe.max_length, buckets=recipe.buckets
-        )
-
-    examples = corpus.train_examples()
-    forget_people = set(corpus.forget_split(DEMO.forget_fraction))
-    forget_ids = [e.id for e in examples if e.metadata["person_id"] in forget_people]
-    data = tokenized(examples)
-    retain = tokenized([e for e in examples if e.metadata["person_id"] not in forget_people])
-    forget = data.subset(data.indices_of(forget_ids))
-    held_out = tokenized(corpus.held_out_examples())
+    tokenizer, splits = assets.tokenizer(), demo_data(assets, DEMO)
+    examples, forget_people, forget_ids = splits.examples, splits.forget_people, splits.forget_ids
+    data, retain, forget, held_out = splits.data, splits.retain, splits.forget, splits.held_out
 
     initial = attach_lora(assets.model(), DEMO.lora_settings(), key=jax.random.key(DEMO.seed))
     config = DEMO.train_config(len(data))
@@ -149,15 +134,8 @@ def main() -> None:
             ledger=work / DEFAULT_LEDGER_NAME,
             lora_settings=DEMO.lora_settings(),
         )
-        opened = open_adapter(work / "original", assets.model_dir)
-        context = UnlearningContext(
-            model=opened.model,
-            examples=examples,
-            data=data,
-            tokenizer=tokenizer,
-            adapter_digest=adapter_digest(opened.model, opened.provenance),
-            data_digest=examples_digest(examples),
-            train_config=opened.provenance.train_config,
+        context = open_context(
+            work / "original", assets.model_dir, examples=examples, data=data, tokenizer=tokenizer
         )
         resolved = resolve_request(Removal(forget_ids), examples)
 
@@ -176,7 +154,7 @@ def main() -> None:
             row(
                 "llmeraser",
                 {"reset": "", "restore_steps": ""},
-                evaluate(_with(opened.model, outcome.lora)),
+                evaluate(_with(context.model, outcome.lora)),
                 finished - started,
                 finished - compiled,
             )
@@ -207,7 +185,7 @@ def main() -> None:
                         "restore_steps": figures["restore_steps"],
                         "restore_fraction": fraction,
                     },
-                    evaluate(_with(opened.model, outcome.lora)),
+                    evaluate(_with(context.model, outcome.lora)),
                     finished - started,
                     finished - scoring_compiled - figures["restore_compile_seconds"],
                 )

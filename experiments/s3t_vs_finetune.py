@@ -31,9 +31,8 @@ import jax
 from flax import nnx
 
 from jaxunlearn.adapter import attach_lora
-from jaxunlearn.data import tokenize_examples
 from jaxunlearn.defaults import ensure_defaults
-from jaxunlearn.demo import DemoSettings
+from jaxunlearn.demo import DemoSettings, demo_data
 from jaxunlearn.eval import markdown_table, membership_inference, perplexity, score_examples
 from jaxunlearn.train import finetune
 from jaxunlearn.unlearn import (
@@ -68,20 +67,9 @@ def main() -> None:
     progress = not options.no_progress
 
     assets = ensure_defaults(options.cache_dir, progress=progress)
-    corpus, tokenizer, recipe = assets.corpus(), assets.tokenizer(), assets.recipe
-    examples = corpus.train_examples()
-    forget_people = set(corpus.forget_split(DEMO.forget_fraction))
-    forget_ids = [e.id for e in examples if e.metadata["person_id"] in forget_people]
-
-    def tokenized(items):
-        return tokenize_examples(
-            items, tokenizer, max_length=recipe.max_length, buckets=recipe.buckets
-        )
-
-    data = tokenized(examples)
-    retain = tokenized([e for e in examples if e.metadata["person_id"] not in forget_people])
-    forget = data.subset(data.indices_of(forget_ids))
-    held_out = tokenized(corpus.held_out_examples())
+    splits = demo_data(assets, DEMO)
+    examples, forget_people, forget_ids = splits.examples, splits.forget_people, splits.forget_ids
+    data, retain, forget, held_out = splits.data, splits.retain, splits.forget, splits.held_out
 
     lora = DEMO.lora_settings()
     initial = attach_lora(assets.model(), lora, key=jax.random.key(DEMO.seed))

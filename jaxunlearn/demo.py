@@ -31,8 +31,8 @@ from flax import nnx
 from jaxunlearn import curvature, parallel
 from jaxunlearn._strict_json import strict_dumps
 from jaxunlearn.adapter import LoraSettings, attach_lora
-from jaxunlearn.data import tokenize_examples
-from jaxunlearn.defaults import ensure_defaults
+from jaxunlearn.data import Example, TokenizedDataset, tokenize_examples
+from jaxunlearn.defaults import DefaultAssets, ensure_defaults
 from jaxunlearn.eval import (
     compiled_flops,
     distance_to_retrain,
@@ -62,7 +62,7 @@ from jaxunlearn.unlearn import (
     save_root_adapter,
 )
 
-__all__ = ["MODELS", "DemoSettings", "run_demo"]
+__all__ = ["MODELS", "DemoData", "DemoSettings", "demo_data", "run_demo"]
 
 MODELS = ("original", "unlearned", "retrained")
 # Rows per forward pass when scoring, and prompts decoded at once when extracting PII.
@@ -131,6 +131,55 @@ class DemoSettings:
         return dataclasses.replace(self.eraser, curvature=curvature_settings)
 
 
+@dataclasses.dataclass(frozen=True)
+class DemoData:
+    """The demo's examples and splits, tokenized as its adapters are trained.
+
+    Attributes:
+        examples: Every training example, in training order.
+        forget_people: The ids of the people a request removes, sorted.
+        forget_ids: Their examples' ids, in training order.
+        data: `examples`, tokenized.
+        forget: The forget people's examples (a subset of `data`).
+        retain: Everyone else's examples, tokenized alone (the retrain's data).
+        held_out: Examples of people never trained on.
+    """
+
+    examples: list[Example]
+    forget_people: list[str]
+    forget_ids: list[str]
+    data: TokenizedDataset
+    forget: TokenizedDataset
+    retain: TokenizedDataset
+    held_out: TokenizedDataset
+
+
+def demo_data(assets: DefaultAssets, settings: DemoSettings = DemoSettings(), /) -> DemoData:
+    """The demo's splits of the embedded default's corpus (`ensure_defaults()`), for
+    experiments that measure other methods on the demo's request."""
+    corpus, tokenizer, recipe = assets.corpus(), assets.tokenizer(), assets.recipe
+
+    def tokenized(items):
+        return tokenize_examples(
+            items, tokenizer, max_length=recipe.max_length, buckets=recipe.buckets
+        )
+
+    examples = corpus.train_examples()
+    forget_people = sorted(corpus.forget_split(settings.forget_fraction))
+    forgotten = set(forget_people)
+    forget_ids = [e.id for e in examples if e.metadata["person_id"] in forgotten]
+    data = tokenized(examples)
+    return DemoData(
+        examples=examples,
+        forget_people=forget_people,
+        forget_ids=forget_ids,
+        data=data,
+        forget=data.subset(data.indices_of(forget_ids)),
+        retain=tokenized([e for e in examples if e.metadata["person_id"] not in forgotten]),
+        held_out=tokenized(corpus.held_out_examples()),
+    )
+
+
 def run_demo(
     output_dir: str | os.PathLike,
     /,
@@ -164,21 +213,11 @@ def run_demo(
     output = pathlib.Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     assets = ensure_defaults(cache_dir, progress=progress)
-    corpus, tokenizer, recipe = assets.corpus(), assets.tokenizer(), assets.recipe
-    examples = corpus.train_examples()
-    forget_people = sorted(corpus.forget_split(settings.forget_fraction))
-    forget_ids = [e.id for e in examples if e.metadata["person_id"] in set(forget_people)]
-
-    def tokenized(items):
-        return tokenize_examples(
-            items, tokenizer, max_length=recipe.max_length, buckets=recipe.buckets
-        )
-
-    data = tokenized(examples)
-    retain_examples = [e for e in examples if e.metadata["person_id"] not in set(forget_people)]
-    forget_data = data.subset(data.indices_of(forget_ids))
-    retain_data = tokenized(retain_examples)
-    held_out_data = tokenized(corpus.held_out_examples())
+    corpus, tokenizer = assets.corpus(), assets.tokenizer()
+    splits = demo_data(assets, settings)
+    examples, forget_people, forget_ids = splits.examples, splits.forget_people, splits.forget_ids
+    data, forget_data, retain_data = splits.data, splits.forget, splits.retain
+    held_out_data = splits.held_out
     log(
         f"Embedded default: {len(examples)} training examples of {len(corpus.people)} people; "
         f"forgetting {len(forget_people)} people ({len(forget_ids)} examples); "

@@ -114,6 +114,7 @@ from jaxunlearn.unlearn._module_removal import (
     reset_modules,
     select_modules,
 )
+from jaxunlearn.unlearn._open_context import open_context
 from jaxunlearn.unlearn._protocol import (
     DEFAULT_LEDGER_NAME,
     LineageError,
@@ -249,6 +250,7 @@ __all__ = [
     "noise_multiplier",
     "noise_scale",
     "open_adapter",
+    "open_context",
     "open_ensemble",
     "partition_examples",
     "prior_aware_orders",

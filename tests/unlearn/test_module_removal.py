@@ -33,6 +33,7 @@ from jaxunlearn.unlearn import (
     examples_digest,
     module_scores,
     open_adapter,
+    open_context,
     reset_modules,
     resolve_request,
     select_modules,
@@ -345,3 +346,28 @@ def test_the_command_line_takes_the_settings_and_prints_the_scores(lineage, caps
     assert summary["method"] == "module-removal"
     assert len(summary["figures"]["reset"]) == 3
     assert pathlib.Path(summary["adapter"]).is_dir()
+
+
+def test_a_context_opened_directly_is_the_one_the_protocol_records(lineage):
+    """`open_context` (for calling a method's stages by hand) sees the adapter under the digest
+    the ledger registered it with, its fine-tune's settings, and the data's digest; the method
+    applied to it gives what `apply_request` writes."""
+    examples = lineage["examples"]
+    tokenizer = load_tokenizer(lineage["model"])
+    data = tokenize_examples(examples, tokenizer, max_length=TINY_CONFIG.max_position_embeddings)
+    context = open_context(
+        lineage["adapter"], lineage["model"], examples=examples, data=data, tokenizer=tokenizer
+    )
+    (root,) = [r for r in Ledger(lineage["ledger"]).records() if r.type == "root"]
+    assert context.adapter_digest == root["adapter_digest"]
+    assert context.data_digest == examples_digest(examples)
+    assert context.train_config["num_steps"] == 40
+
+    settings = ModuleRemovalSettings(reset_count=1, restore_steps=2, progress=False)
+    method = ModuleRemoval()
+    resolved = resolve_request(Removal(lineage["forget"]), examples)
+    by_hand = method.apply(context, resolved, method.settle(settings, context)[0], None)
+    outcome = _apply(lineage, Removal(lineage["forget"]), "through-protocol", settings)
+    written = _modules_of(outcome.adapter, lineage)
+    for name, value in _flat_modules(by_hand.lora).items():
+        np.testing.assert_allclose(written[name], value, rtol=1e-6, atol=1e-7)
