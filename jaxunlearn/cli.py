@@ -444,7 +444,12 @@ def _parser(method: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
         "Every threshold is searched (the confidence split over them) unless --threshold fixes "
         "one chosen beforehand. Writes audit.json, audit.md and audit.png into --out.",
     )
-    audit.add_argument("--positive", nargs="+", metavar="DIR", help="unlearned adapters")
+    audit.add_argument(
+        "--positive",
+        nargs="+",
+        metavar="DIR",
+        help="unlearned adapters, one per seed (jaxunlearn or PEFT adapters, S3T/SISA ensembles)",
+    )
     audit.add_argument("--negative", nargs="+", metavar="DIR", help="retrained adapters")
     audit.add_argument(
         "--scores",

@@ -71,17 +71,20 @@ def adapter_statistics(
     statistic: str = "loss",
     batch_size: int = 32,
 ) -> np.ndarray:
-    """`model_statistic` of each adapter folder (jaxunlearn or PEFT) on `base_model`."""
-    from jaxunlearn.unlearn import open_adapter  # eval does not depend on unlearn at import
+    """`model_statistic` of each adapter folder on `base_model`: a jaxunlearn or PEFT adapter,
+    or an S3T/SISA ensemble (scored as it serves: the combination of its served shard models).
+    """
+    # eval does not depend on unlearn at import time.
+    from jaxunlearn.unlearn import is_ensemble, open_adapter, open_ensemble
+
+    def served(path):
+        if is_ensemble(path):
+            return open_ensemble(path, base_model).serving_model()
+        return open_adapter(path, base_model).model
 
     return np.array(
         [
-            model_statistic(
-                open_adapter(path, base_model).model,
-                data,
-                statistic=statistic,
-                batch_size=batch_size,
-            )
+            model_statistic(served(path), data, statistic=statistic, batch_size=batch_size)
             for path in adapters
         ],
         np.float64,

@@ -24,6 +24,7 @@ from jaxunlearn.checkpoint import load_adapter
 from jaxunlearn.cli import main
 from jaxunlearn.data import load_examples, load_tokenizer, tokenize_examples
 from jaxunlearn.errors import SettingsError, UserError
+from jaxunlearn.eval import adapter_statistics, model_statistic
 from jaxunlearn.models import ModelConfig, from_config, load, split_lora
 from jaxunlearn.train import finetune
 from jaxunlearn.unlearn import (
@@ -522,3 +523,18 @@ def test_finetune_refuses_sharded_flags_that_do_not_fit(trained, tmp_path, capsy
         assert main([*base, *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x" / "ensemble").exists()
+
+
+def test_the_audit_scores_an_ensemble_as_it_serves(trained):
+    """`adapter_statistics` (what `jaxunlearn audit` scores) takes an ensemble folder and
+    scores the served combination, not one shard's model."""
+    folder = trained["root"] / "s3t" / "ensemble"
+    forget = trained["tokenized"].subset(np.arange(6))
+    (statistic,) = adapter_statistics([folder], forget, base_model=trained["model"])
+    served = open_ensemble(folder, trained["model"]).serving_model()
+    assert statistic == pytest.approx(model_statistic(served, forget), rel=1e-6)
+    opened, members = served_members(folder, trained)
+    assert len(members) == SHARDS  # no request yet: every shard serves
+    one_shard = opened.model
+    nnx.update(one_shard, members[0])
+    assert statistic != pytest.approx(model_statistic(one_shard, forget), rel=1e-6)
