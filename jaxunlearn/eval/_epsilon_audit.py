@@ -139,10 +139,12 @@ class EpsilonAudit:
         }
 
     def summary(self) -> str:
-        """One line, e.g. "ε ≥ 0.81 at 95% confidence (K=10 vs 10, δ=0)"."""
+        """One line, e.g. "ε ≥ 0.81 at 95% confidence (K=10 vs 10, δ=0; these K can show
+        at most 0.81)"."""
         return (
             f"ε ≥ {self.epsilon:.3g} at {100 * (1 - self.alpha):.4g}% confidence "
-            f"(K={self.positives} vs {self.negatives}, δ={self.delta:g})"
+            f"(K={self.positives} vs {self.negatives}, δ={self.delta:g}; these K can show at "
+            f"most {self.largest_attainable:.3g})"
         )
 
 
@@ -395,9 +397,14 @@ def _plot(
         axes.set_title(title)
         axes.legend()
     else:
-        figure = Figure(figsize=(4.5 * len(audits), 3.0), layout="constrained")
-        subplots = figure.subplots(1, len(audits), squeeze=False)[0]
-        for axes, (name, audit) in zip(subplots, audits.items(), strict=True):
+        # At most four panels a row, so that many audits stay readable.
+        columns = min(len(audits), 4)
+        rows = math.ceil(len(audits) / columns)
+        figure = Figure(figsize=(4.5 * columns, 2.6 * rows + 0.6), layout="constrained")
+        subplots = figure.subplots(rows, columns, squeeze=False).ravel()
+        for unused in subplots[len(audits) :]:
+            unused.set_axis_off()
+        for axes, (name, audit) in zip(subplots, audits.items(), strict=False):
             for row, values in enumerate(scores[name][::-1]):  # retrained below, unlearned above
                 # Spread points vertically so equal scores stay apart: a golden-ratio sequence,
                 # the same on every run and unrelated to any seed the scores were drawn with.
@@ -409,7 +416,8 @@ def _plot(
             axes.set_ylim(-0.6, 1.6)
             axes.set_xlabel("distinguisher score")
             axes.set_title(
-                f"{name}: ε ≥ {audit.epsilon:.3g} (at most {audit.largest_attainable:.3g})"
+                f"{name}\nε ≥ {audit.epsilon:.3g} (at most {audit.largest_attainable:.3g})",
+                fontsize=9,
             )
         figure.suptitle(title)
     FigureCanvasAgg(figure)

@@ -292,7 +292,10 @@ def test_to_json_is_strict_json_even_without_a_threshold():
 
 def test_summary_is_one_line():
     audit = epsilon_lower_bound(np.arange(10.0, 20.0), np.arange(10.0))
-    assert audit.summary() == f"ε ≥ {audit.epsilon:.3g} at 95% confidence (K=10 vs 10, δ=0)"
+    assert audit.summary() == (
+        f"ε ≥ {audit.epsilon:.3g} at 95% confidence (K=10 vs 10, δ=0; these K can show at most "
+        f"{audit.largest_attainable:.3g})"
+    )
 
 
 def test_write_audit_report(tmp_path):
