@@ -363,11 +363,17 @@ def test_a_context_opened_directly_is_the_one_the_protocol_records(lineage):
     assert context.data_digest == examples_digest(examples)
     assert context.train_config["num_steps"] == 40
 
+    # Another person than the other tests remove, on the adapter given: the module's other
+    # tests record their requests in the lineage this copy shares, and without `branch` the
+    # protocol would apply this one to the newest adapter of it.
+    person = next(e.metadata["person_id"] for e in examples if e.id not in lineage["forget"])
+    request = Removal([e.id for e in examples if e.metadata["person_id"] == person])
     settings = ModuleRemovalSettings(reset_count=1, restore_steps=2, progress=False)
     method = ModuleRemoval()
-    resolved = resolve_request(Removal(lineage["forget"]), examples)
+    resolved = resolve_request(request, examples)
     by_hand = method.apply(context, resolved, method.settle(settings, context)[0], None)
-    outcome = _apply(lineage, Removal(lineage["forget"]), "through-protocol", settings)
+    outcome = _apply(lineage, request, "through-protocol", settings, branch=True)
+    assert outcome.applied
     written = _modules_of(outcome.adapter, lineage)
     for name, value in _flat_modules(by_hand.lora).items():
         np.testing.assert_allclose(written[name], value, rtol=1e-6, atol=1e-7)
