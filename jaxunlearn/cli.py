@@ -582,6 +582,9 @@ def _audit(options) -> int:
         write_audit_report,
     )
 
+    # Refused before any adapter is scored (minutes on a large model), not after.
+    if options.direction is not None and options.threshold is None:
+        raise SettingsError("--direction goes with --threshold (a search tries both)")
     adapters = {"--positive": options.positive, "--negative": options.negative}
     if options.scores is not None:
         given = [flag for flag, value in adapters.items() if value]
@@ -597,8 +600,6 @@ def _audit(options) -> int:
         batch["batch_size"] = options.batch_size
         positives = adapter_statistics(options.positive, forget, **batch)
         negatives = adapter_statistics(options.negative, forget, **batch)
-    if options.direction is not None and options.threshold is None:
-        raise SettingsError("--direction goes with --threshold (a search tries both)")
     result = epsilon_lower_bound(
         positives,
         negatives,
