@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import special
 
 from jaxunlearn.errors import UserError
+from jaxunlearn.eval._plots import save_figure
 from jaxunlearn.eval._tables import markdown_table
 
 __all__ = [
@@ -420,8 +420,7 @@ def _plot(
                 fontsize=9,
             )
         figure.suptitle(title)
-    FigureCanvasAgg(figure)
-    figure.savefig(path, format="png", dpi=120)
+    save_figure(figure, path)
 
 
 def _check_alpha(alpha: float) -> None:

@@ -60,7 +60,7 @@ def plot_forget_losses(
     axes.set_ylabel("mean response-token NLL ℓ")
     axes.set_title(title)
     axes.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_score_histograms(
@@ -108,7 +108,7 @@ def plot_score_histograms(
         axes.set_xlabel(score_name)
         axes.set_ylabel("examples")
         axes.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_module_scores(
@@ -183,7 +183,7 @@ def plot_module_scores(
     axes.set_xlabel("projection")
     axes.set_ylabel("decoder layer")
     axes.set_title(title + (f" ({len(chosen)} reset, outlined)" if chosen else ""))
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _checked_series(series: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
@@ -196,7 +196,8 @@ def _checked_series(series: Mapping[str, np.ndarray], name: str) -> dict[str, np
     return arrays
 
 
-def _save(figure: Figure, path: str | os.PathLike) -> str | os.PathLike:
+def save_figure(figure: Figure, path: str | os.PathLike) -> str | os.PathLike:
+    """Renders `figure` with the Agg canvas and writes it to `path` as a PNG."""
     FigureCanvasAgg(figure)
     figure.savefig(path, format="png", dpi=120)
     return path
